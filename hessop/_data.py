@@ -1,0 +1,168 @@
+"""Data: one re-iterable view of arrays, tf.data.Datasets and iterables of batches."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+__all__ = ["Batches"]
+
+
+def _leaves(structure: Any) -> list[Any]:
+    return tf.nest.flatten(structure)
+
+
+def _leading_dim(value: Any) -> int | None:
+    shape = getattr(value, "shape", None)
+    if shape is None:
+        shape = np.shape(value)
+    if len(shape) == 0:
+        return None
+    dim = shape[0]
+    return None if dim is None else int(dim)
+
+
+def _batch_size(x: Any, y: Any, where: str) -> int:
+    """Common leading dimension of every leaf of x and y, or a clear error."""
+    sizes_x = [_leading_dim(leaf) for leaf in _leaves(x)]
+    if not sizes_x:
+        msg = f"{where}: x is empty (no arrays)."
+        raise ValueError(msg)
+    if any(s is None for s in sizes_x):
+        msg = f"{where}: every input array needs a leading example dimension; got a scalar in x."
+        raise ValueError(msg)
+    if len(set(sizes_x)) > 1:
+        msg = f"{where}: the arrays in x have different numbers of examples: {sizes_x}."
+        raise ValueError(msg)
+    size = sizes_x[0]
+    if y is not None:
+        sizes_y = [_leading_dim(leaf) for leaf in _leaves(y)]
+        if any(s != size for s in sizes_y):
+            msg = f"{where}: x and y have different lengths: x has {size} examples, y has {sizes_y}."
+            raise ValueError(msg)
+    return size
+
+
+def _to_tensors(structure: Any) -> Any:
+    return tf.nest.map_structure(tf.convert_to_tensor, structure)
+
+
+def _split_pair(element: Any, where: str) -> tuple[Any, Any]:
+    if isinstance(element, Mapping) or not isinstance(element, (tuple, list)) or len(element) != 2:
+        msg = f"{where}: each batch must be a pair (x, y), got {type(element).__name__}."
+        raise TypeError(msg)
+    return element[0], element[1]
+
+
+class Batches:
+    """A re-iterable sequence of ``(x, y)`` mini-batches with a known total count.
+
+    Accepts ``(x, y)`` with array-likes (x may be a tuple/list or dict of arrays
+    for multi-input models; y may be None where no targets are needed), a
+    `tf.data.Dataset` of ``(x, y)`` batches, or any re-iterable of ``(x, y)``
+    batches (e.g. a list). Each iteration yields tensor structures.
+    """
+
+    def __init__(self, data: Any, batch_size: int | None = None) -> None:
+        if batch_size is not None:
+            if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)):
+                msg = f"batch_size: expected a positive int or None, got {batch_size!r}."
+                raise TypeError(msg)
+            if batch_size <= 0:
+                msg = f"batch_size: expected a positive int, got {batch_size}."
+                raise ValueError(msg)
+        self.is_static = False
+        # A 2-tuple is always (x, y) arrays; batches come as a list, a Dataset or
+        # another re-iterable, so ((x1, y1), (x2, y2)) must be a list to mean batches.
+        if isinstance(data, tuple) and len(data) == 2:
+            self._init_arrays(data[0], data[1], batch_size)
+        elif isinstance(data, tf.data.Dataset):
+            if batch_size is not None:
+                msg = "batch_size: a tf.data.Dataset is already batched; batch it with Dataset.batch instead."
+                raise ValueError(msg)
+            self._source = data
+            self._count()
+        elif isinstance(data, Iterable) and not isinstance(data, (str, bytes, Mapping, np.ndarray)):
+            if iter(data) is data:
+                msg = (
+                    "data: a one-shot iterator or generator cannot be read twice, but every "
+                    "matvec is a full pass over the data; pass a list of batches, a "
+                    "tf.data.Dataset, or (x, y) arrays."
+                )
+                raise TypeError(msg)
+            if batch_size is not None:
+                msg = "batch_size: data given as batches is already batched; leave batch_size=None."
+                raise ValueError(msg)
+            self._source = data
+            self._count()
+        else:
+            msg = (
+                "data: expected (x, y) arrays, a tf.data.Dataset of (x, y) batches, or a "
+                f"re-iterable of (x, y) batches, got {type(data).__name__}."
+            )
+            raise TypeError(msg)
+
+    # -- construction -------------------------------------------------------
+    def _init_arrays(self, x: Any, y: Any, batch_size: int | None) -> None:
+        x = tf.nest.map_structure(_as_array, x)
+        y = None if y is None else tf.nest.map_structure(_as_array, y)
+        num_data = _batch_size(x, y, "data")
+        if num_data == 0:
+            msg = "data: empty data (0 examples)."
+            raise ValueError(msg)
+        batch_size = num_data if batch_size is None else min(int(batch_size), num_data)
+        self._batches = []
+        for start in range(0, num_data, batch_size):
+            stop = min(start + batch_size, num_data)
+            xb = tf.nest.map_structure(lambda a: a[start:stop], x)
+            yb = None if y is None else tf.nest.map_structure(lambda a: a[start:stop], y)
+            self._batches.append((_to_tensors(xb), None if yb is None else _to_tensors(yb)))
+        self.batch_sizes = [min(batch_size, num_data - s) for s in range(0, num_data, batch_size)]
+        self.num_data = num_data
+        self.is_static = True  # arrays cannot change between passes
+
+    def _count(self) -> None:
+        sizes = []
+        for i, element in enumerate(self._source):
+            x, y = _split_pair(element, f"data (batch {i})")
+            sizes.append(_batch_size(x, y, f"data (batch {i})"))
+        if not sizes or sum(sizes) == 0:
+            msg = "data: empty data (no batches or 0 examples)."
+            raise ValueError(msg)
+        self.batch_sizes = sizes
+        self.num_data = int(sum(sizes))
+
+    # -- iteration ----------------------------------------------------------
+    @property
+    def num_batches(self) -> int:
+        return len(self.batch_sizes)
+
+    def __iter__(self) -> Iterator[tuple[Any, Any]]:
+        if self.is_static:
+            yield from self._batches
+            return
+        for i, element in enumerate(self._source):
+            x, y = _split_pair(element, f"data (batch {i})")
+            yield _to_tensors(x), (None if y is None else _to_tensors(y))
+
+    def fingerprint(self) -> list[tuple[int, float]]:
+        """(size, checksum) per batch; two passes over deterministic data agree."""
+        prints = []
+        for x, y in self:
+            leaves = _leaves(x) + ([] if y is None else _leaves(y))
+            checksum = 0.0
+            for k, leaf in enumerate(leaves):
+                values = np.asarray(leaf).astype(np.float64, copy=False).reshape(-1)
+                # A position-weighted sum also catches reordering inside a batch.
+                checksum += float(values @ np.cos(np.arange(values.size) + k))
+            prints.append((_leading_dim(leaves[0]) or 0, checksum))
+        return prints
+
+
+def _as_array(value: Any) -> Any:
+    if isinstance(value, (tf.Tensor, np.ndarray)):
+        return value
+    return np.asarray(value)

@@ -1,0 +1,283 @@
+"""HessianOperator against closed forms and autodiff dense Hessians (float64)."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+import scipy.sparse.linalg as sla
+import tensorflow as tf
+from conftest import dense_hessian, logistic_case, mlp_case, rel_err
+
+import hessop
+
+
+def operator(case, **kwargs):
+    return hessop.HessianOperator(case.model, case.loss_fn, (case.x, case.y), params=case.params, **kwargs)
+
+
+def logistic_closed_form(case) -> np.ndarray:
+    """X^T diag(p(1-p)) X / N with the bias column (weights first, then bias)."""
+    kernel, bias = (v.numpy() for v in case.variables)
+    design = np.column_stack([case.x, np.ones(len(case.x))])
+    p = 1.0 / (1.0 + np.exp(-(case.x @ kernel[:, 0] + bias[0])))
+    return design.T @ (design * (p * (1 - p))[:, None]) / len(case.x)
+
+
+# -- closed forms -----------------------------------------------------------------
+def test_logistic_matches_closed_form(logistic):
+    H = operator(logistic, batch_size=128)
+    expected = logistic_closed_form(logistic)
+    assert H.shape == (5, 5) and H.num_data == 1003 and H.dtype == np.float64
+    assert rel_err(H @ np.eye(5), expected) < 1e-10
+
+
+def test_logistic_from_dataset_and_sum_reduction(logistic):
+    expected = logistic_closed_form(logistic)
+    dataset = tf.data.Dataset.from_tensor_slices((logistic.x, logistic.y)).batch(128)
+    H = hessop.HessianOperator(logistic.model, logistic.loss_fn, dataset)
+    assert H.num_data == 1003
+    assert rel_err(H @ np.eye(5), expected) < 1e-10
+    H_sum = operator(logistic, batch_size=128, reduction="sum")
+    assert rel_err(H_sum @ np.eye(5), 1003 * expected) < 1e-10
+
+
+def test_poisson_plain_variable_model():
+    from conftest import poisson_case
+
+    case = poisson_case()
+    beta = case.params[0].numpy()
+    H = operator(case, batch_size=64)
+    expected = case.x.T @ (case.x * np.exp(case.x @ beta)[:, None]) / case.num_data
+    assert rel_err(H.to_dense(), expected) < 1e-10
+
+
+def test_scalar_mean_loss_equals_per_example_loss(logistic):
+    mean_loss = keras.losses.BinaryCrossentropy(from_logits=True, dtype="float64")  # batch mean
+    H_mean = hessop.HessianOperator(logistic.model, mean_loss, (logistic.x, logistic.y), batch_size=100)
+    assert rel_err(H_mean.to_dense(), logistic_closed_form(logistic)) < 1e-10
+
+
+# -- dense autodiff references ------------------------------------------------------
+def test_to_dense_matches_autodiff_reference(case):
+    H = operator(case, batch_size=16)
+    expected = dense_hessian(case)
+    dense = H.to_dense(block_size=7)  # several blocks, uneven last block
+    assert dense.shape == (H.num_params, H.num_params)
+    assert rel_err(dense, expected) < 1e-10
+
+
+def test_mlp_off_diagonal_blocks_are_present(mlp):
+    H = operator(mlp)
+    dense = H.to_dense()
+    first = int(np.prod(mlp.variables[0].shape))  # first-layer kernel vs the rest
+    off_block = dense[:first, first:]
+    assert np.max(np.abs(off_block)) > 1e-3  # tf.hessians would leave these out
+    assert rel_err(off_block, dense_hessian(mlp)[:first, first:]) < 1e-10
+
+
+@pytest.mark.parametrize("batch_size", [1, 7, 16, 63, 64, 1000])
+def test_minibatch_equals_full_batch(mlp, batch_size):
+    rng = np.random.default_rng(0)
+    block = rng.normal(size=(operator(mlp).shape[0], 3))
+    full = operator(mlp) @ block
+    assert rel_err(operator(mlp, batch_size=batch_size) @ block, full) < 1e-12
+
+
+def test_list_of_batches_with_uneven_sizes(mlp):
+    cuts = [0, 5, 30, 31, 64]
+    batches = [(mlp.x[a:b], mlp.y[a:b]) for a, b in zip(cuts[:-1], cuts[1:])]
+    H = hessop.HessianOperator(mlp.model, mlp.loss_fn, batches)
+    assert H.num_data == 64
+    assert rel_err(H.to_dense(), dense_hessian(mlp)) < 1e-10
+
+
+@pytest.mark.parametrize("mode", ["forward", "reverse"])
+def test_hvp_modes_agree(mlp, mode):
+    H = operator(mlp, batch_size=20, hvp_mode=mode)
+    v = np.random.default_rng(1).normal(size=H.shape[0])
+    assert rel_err(H @ v, dense_hessian(mlp) @ v) < 1e-10
+    assert rel_err(H @ np.column_stack([v, 2 * v]), dense_hessian(mlp) @ np.column_stack([v, 2 * v])) < 1e-10
+
+
+def test_auto_mode_records_its_choice(mlp):
+    H = operator(mlp, batch_size=32)
+    H @ np.ones(H.shape[0])
+    assert H._engine._chosen_mode["single"] in ("forward", "reverse")
+    assert set(H._engine.timings["single"]) == {"forward", "reverse"}
+
+
+# -- linear algebra through scipy -----------------------------------------------------
+def test_eigsh_matches_eigh(mlp):
+    H = operator(mlp, batch_size=20)
+    top = np.sort(sla.eigsh(H, k=3, which="LA", tol=1e-12)[0])
+    assert np.allclose(top, np.linalg.eigvalsh(dense_hessian(mlp))[-3:], rtol=1e-8, atol=1e-12)
+
+
+def test_cg_on_damped_hessian_converges(mlp):
+    H = operator(mlp)
+    P = H.shape[0]
+    # An untrained MLP's Hessian is indefinite; shift it to positive definite for CG.
+    damping = 0.5 - min(np.linalg.eigvalsh(dense_hessian(mlp)).min(), 0.0)
+    g = np.random.default_rng(2).normal(size=P)
+    damped = H + damping * sla.aslinearoperator(np.eye(P))
+    step, info = sla.cg(damped, g, rtol=1e-10, maxiter=500)
+    assert info == 0
+    assert rel_err(step, np.linalg.solve(dense_hessian(mlp) + damping * np.eye(P), g)) < 1e-6
+
+
+def test_matmat_equals_columnwise_matvec_and_symmetry(mlp):
+    H = operator(mlp, batch_size=25)
+    rng = np.random.default_rng(3)
+    block = rng.normal(size=(H.shape[0], 4))
+    columns = np.column_stack([H @ block[:, j] for j in range(4)])
+    assert rel_err(H @ block, columns) < 1e-12
+    u, v = rng.normal(size=(2, H.shape[0]))
+    assert abs(u @ (H @ v) - v @ (H @ u)) < 1e-12 * np.linalg.norm(u) * np.linalg.norm(v) * 10
+    assert H.H is H and H.T is H
+    assert rel_err(H.rmatvec(u), H.matvec(u)) < 1e-15
+
+
+def test_float32_model_end_to_end_with_eigsh():
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(200, 6)).astype("float32")
+    y = rng.integers(0, 3, size=200)
+    keras.utils.set_random_seed(4)
+    model = keras.Sequential(
+        [keras.Input((6,)), keras.layers.Dense(5, activation="tanh", dtype="float32"), keras.layers.Dense(3, dtype="float32")]
+    )
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
+    H = hessop.HessianOperator(model, loss, (x, y), batch_size=64)
+    assert H.dtype == np.float32
+    values = np.sort(sla.eigsh(H, k=2, which="LA")[0])
+    H64 = hessop.HessianOperator(model, loss, (x, y), batch_size=64, dtype="float64")
+    reference = np.linalg.eigvalsh(H64.to_dense())[-2:]
+    assert np.allclose(values, reference, rtol=1e-3)
+
+
+def test_tf_matvec_stays_a_tensor(mlp):
+    H = operator(mlp)
+    v = tf.ones(H.shape[0], dtype=tf.float64)
+    out = H.tf_matvec(v)
+    assert isinstance(out, tf.Tensor) and out.shape == (H.shape[0],)
+    assert rel_err(out.numpy(), dense_hessian(mlp) @ np.ones(H.shape[0])) < 1e-10
+    block = H.tf_matmat(tf.eye(H.shape[0], 3, dtype=tf.float64))
+    assert block.shape == (H.shape[0], 3)
+
+
+def test_construction_costs_no_product(mlp):
+    calls = []
+    H = operator(mlp)
+    original = H._tf_matmat
+    H._tf_matmat = lambda block: calls.append(1) or original(block)
+    assert calls == []  # scipy did not probe with a matvec (dtype is explicit)
+    H @ np.ones(H.shape[0])
+    assert calls == [1]
+
+
+def test_progress_bar_does_not_change_results(mlp, capsys):
+    H = operator(mlp, batch_size=10, progress=True)
+    v = np.ones(H.shape[0])
+    assert rel_err(H @ v, dense_hessian(mlp) @ v) < 1e-10
+
+
+# -- bad input ---------------------------------------------------------------------------
+def test_wrong_vector_length_names_expected_shape(mlp):
+    H = operator(mlp)
+    with pytest.raises(ValueError, match=r"x: expected shape \(39,\)"):
+        H.matvec(np.ones(5))
+    with pytest.raises(ValueError, match=r"X: expected shape \(39, k\)"):
+        H.matmat(np.ones((5, 2)))
+    with pytest.raises(TypeError, match="real"):
+        H.matvec(np.ones(H.shape[0], dtype=complex))
+    with pytest.raises(ValueError, match="non-finite"):
+        H.matvec(np.full(H.shape[0], np.nan))
+
+
+def test_mismatched_lengths_and_empty_data(mlp):
+    with pytest.raises(ValueError, match="different lengths"):
+        hessop.HessianOperator(mlp.model, mlp.loss_fn, (mlp.x, mlp.y[:-1]))
+    with pytest.raises(ValueError, match="empty"):
+        hessop.HessianOperator(mlp.model, mlp.loss_fn, (mlp.x[:0], mlp.y[:0]))
+    with pytest.raises(ValueError, match="empty"):
+        hessop.HessianOperator(mlp.model, mlp.loss_fn, [])
+
+
+def test_loss_that_is_not_per_example_or_scalar(mlp):
+    def bad_loss(y_true, y_pred):
+        return y_pred  # shape [B, 3]
+
+    with pytest.raises(ValueError, match=r"per-example losses of shape \[B\]"):
+        hessop.HessianOperator(mlp.model, bad_loss, (mlp.x, mlp.y))
+
+
+def test_model_without_trainable_variables():
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1, trainable=False)])
+    with pytest.raises(ValueError, match="no trainable variables"):
+        hessop.HessianOperator(model, keras.losses.MeanSquaredError(), (np.ones((4, 3)), np.ones((4, 1))))
+
+
+def test_non_finite_loss_is_refused(mlp):
+    x = mlp.x.copy()
+    x[3, 0] = np.nan
+    with pytest.raises(ValueError, match="loss is not finite"):
+        hessop.HessianOperator(mlp.model, mlp.loss_fn, (x, mlp.y))
+
+
+def test_non_finite_hvp_is_refused():
+    # sqrt(w) at w = 0: finite loss, infinite curvature.
+    w = tf.Variable([0.0, 1.0], dtype=tf.float64)
+    x = np.ones((3, 2))
+
+    def model(x):
+        return tf.linalg.matvec(x, tf.sqrt(w))
+
+    H = hessop.HessianOperator(model, lambda y, f: (f - y) ** 2, (x, np.zeros(3)), params=[w])
+    with pytest.raises(ValueError, match="not finite"):
+        H @ np.ones(2)
+
+
+def test_to_dense_over_the_limit(mlp):
+    H = operator(mlp)
+    with pytest.raises(ValueError, match="max_params=10"):
+        H.to_dense(max_params=10)
+    assert H.to_dense(max_params=H.shape[0]).shape == (H.shape[0],) * 2
+
+
+def test_shuffled_dataset_is_detected(mlp):
+    dataset = tf.data.Dataset.from_tensor_slices((mlp.x, mlp.y)).shuffle(64, seed=None).batch(16)
+    with pytest.raises(ValueError, match="different"):
+        hessop.HessianOperator(mlp.model, mlp.loss_fn, dataset)
+    H = hessop.HessianOperator(mlp.model, mlp.loss_fn, dataset, check_deterministic=False)
+    assert H.num_data == 64
+
+
+def test_generator_and_wrong_types_are_refused(mlp):
+    with pytest.raises(TypeError, match="one-shot"):
+        hessop.HessianOperator(mlp.model, mlp.loss_fn, ((mlp.x, mlp.y) for _ in range(2)))
+    with pytest.raises(TypeError, match="data: expected"):
+        hessop.HessianOperator(mlp.model, mlp.loss_fn, 3.0)
+    with pytest.raises(ValueError, match="reduction"):
+        hessop.HessianOperator(mlp.model, mlp.loss_fn, (mlp.x, mlp.y), reduction="avg")
+    with pytest.raises(ValueError, match="hvp_mode"):
+        hessop.HessianOperator(mlp.model, mlp.loss_fn, (mlp.x, mlp.y), hvp_mode="sideways")
+    with pytest.raises(ValueError, match="batch_size"):
+        hessop.HessianOperator(mlp.model, mlp.loss_fn, (mlp.x, mlp.y), batch_size=0)
+    with pytest.raises(TypeError, match="loss_fn"):
+        hessop.HessianOperator(mlp.model, "mse", (mlp.x, mlp.y))
+    with pytest.raises(ValueError, match="loss_fn"):
+        hessop.HessianOperator(mlp.model, None, (mlp.x, mlp.y))
+    with pytest.raises(TypeError, match="dtype"):
+        hessop.HessianOperator(mlp.model, mlp.loss_fn, (mlp.x, mlp.y), dtype="int32")
+
+
+def test_float32_loss_on_float64_model_warns():
+    case = logistic_case(num_data=50)
+    loss32 = keras.losses.BinaryCrossentropy(from_logits=True, reduction=None, dtype="float32")
+    with pytest.warns(UserWarning, match="precision"):
+        hessop.HessianOperator(case.model, loss32, (case.x, case.y))
+
+
+def test_mlp_case_is_not_at_a_stationary_point():
+    # Guards the other tests: a non-trivial Hessian with both signs of curvature terms.
+    assert np.linalg.norm(dense_hessian(mlp_case())) > 1e-2
