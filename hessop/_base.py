@@ -16,9 +16,10 @@ from scipy.sparse.linalg import LinearOperator
 from tqdm.auto import tqdm
 
 from hessop._data import Batches
+from hessop._dense import DEFAULT_MAX_DENSE, dense_from_operator
 from hessop._engine import Engine
 
-__all__ = ["DataPassOperator", "as_numpy_dtype", "check_finite_array"]
+__all__ = ["DataPassOperator", "SymmetricDataPassOperator", "as_numpy_dtype", "check_finite_array"]
 
 REDUCTIONS = ("mean", "sum")
 
@@ -69,6 +70,7 @@ class DataPassOperator(LinearOperator):
         check_deterministic: bool,
         hvp_mode: str = "auto",
         shape: tuple[int, int] | None = None,
+        per_example_loss: bool = False,
     ) -> None:
         if reduction not in REDUCTIONS:
             msg = f"reduction: expected one of {REDUCTIONS}, got {reduction!r}."
@@ -80,6 +82,7 @@ class DataPassOperator(LinearOperator):
         self.reduction = reduction
         self.progress = bool(progress)
         self._first_batch: tuple[Any, Any] | None = None
+        self._needs_per_example_loss = per_example_loss
         self._compute_dtype = self._engine.dtype
         dtype = as_numpy_dtype(dtype, self._compute_dtype.as_numpy_dtype)
         # Passing dtype explicitly keeps scipy from probing with a matvec (a data pass).
@@ -122,13 +125,49 @@ class DataPassOperator(LinearOperator):
             unit="batch",
         )
 
-    def _accumulate(self, batch_fn: Callable[..., tf.Tensor], *args: Any, desc: str = "") -> tf.Tensor:
-        """Sum ``batch_fn(x, y, *args)`` over all batches, times `scale`."""
+    def _per_batch(self, name: str, kind: str, probe: tf.Tensor) -> Callable[..., tf.Tensor]:
+        if name == "hvp":
+            x0, y0 = self._probe_batch()
+            return self._engine.hvp_function(kind, x0, y0, probe)
+        return self._engine.function(name, kind)
+
+    def _summed(self, name: str, block: tf.Tensor, *, scale: float | None = None) -> tf.Tensor:
+        """(P, k) block -> (n_out, k): Σ over batches of product ``name``, times ``scale``.
+
+        One data pass whatever k; a single column uses the plain (not
+        vectorized) product, which avoids vectorized_map's overhead.
+        """
+        scale = self.scale if scale is None else scale
+        single = block.shape[1] == 1
+        args = block[:, 0] if single else tf.transpose(block)  # vectorized_map maps the leading axis
+        fn = self._per_batch(name, "single" if single else "block", args)
         total = None
-        for x, y in self._iter_batches(desc or type(self).__name__):
-            part = batch_fn(x, y, *args)
+        for x, y in self._iter_batches(type(self).__name__):
+            part = fn(x, y, args)
             total = part if total is None else total + part
-        return total * tf.constant(self.scale, dtype=total.dtype)
+        total = total * tf.constant(scale, dtype=total.dtype)
+        return total[:, None] if single else tf.transpose(total)
+
+    def _stacked(self, name: str, block: tf.Tensor) -> tf.Tensor:
+        """(P, k) block -> (rows, k): per-batch products concatenated in example order."""
+        single = block.shape[1] == 1
+        args = block[:, 0] if single else tf.transpose(block)
+        fn = self._per_batch(name, "single" if single else "block", args)
+        parts = [fn(x, y, args) for x, y in self._iter_batches(type(self).__name__)]
+        return tf.concat(parts, axis=0)[:, None] if single else tf.transpose(tf.concat(parts, axis=1))
+
+    def _sliced_sum(self, name: str, block: tf.Tensor, rows_per_example: int) -> tf.Tensor:
+        """(rows, k) block -> (P, k): Σ over batches of product ``name`` on each batch's rows."""
+        single = block.shape[1] == 1
+        args = block[:, 0] if single else tf.transpose(block)
+        fn = self._per_batch(name, "single" if single else "block", args)
+        total, start = None, 0
+        for (x, y), size in zip(self._iter_batches(type(self).__name__), self._batches.batch_sizes):
+            stop = start + size * rows_per_example
+            part = fn(x, y, args[..., start:stop])
+            total = part if total is None else total + part
+            start = stop
+        return total[:, None] if single else tf.transpose(total)
 
     def _validate_loss(self, check_deterministic: bool) -> float | None:
         """One forward pass (two when checking determinism): catches bad losses early."""
@@ -157,8 +196,9 @@ class DataPassOperator(LinearOperator):
 
     def _batch_losses(self) -> np.ndarray:
         sums = []
+        loss_sum = self._engine.strict_loss_sum if self._needs_per_example_loss else self._engine.loss_sum
         for i, (x, y) in enumerate(self._batches):
-            value = float(self._engine.loss_sum(x, y))
+            value = float(loss_sum(x, y))
             if not np.isfinite(value):
                 msg = f"loss_fn: the loss is not finite ({value}) on batch {i}; check the data and the model."
                 raise ValueError(msg)
@@ -169,33 +209,49 @@ class DataPassOperator(LinearOperator):
     def _tf_matmat(self, block: tf.Tensor) -> tf.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def _check_tf_input(self, tensor: Any, ndim: int, name: str) -> tf.Tensor:
+    def _tf_rmatmat(self, block: tf.Tensor) -> tf.Tensor:
+        # Symmetric operators (H, G, GGN) are their own adjoint.
+        return self._tf_matmat(block)
+
+    def _check_tf_input(self, tensor: Any, ndim: int, length: int, name: str) -> tf.Tensor:
         tensor = tf.convert_to_tensor(tensor)
         if not tensor.dtype.is_floating:
             msg = f"{name}: expected a floating tensor, got dtype {tensor.dtype.name}."
             raise TypeError(msg)
-        if tensor.shape.rank != ndim or tensor.shape[0] != self.shape[1]:
-            expected = f"({self.shape[1]},)" if ndim == 1 else f"({self.shape[1]}, k)"
+        if tensor.shape.rank != ndim or tensor.shape[0] != length:
+            expected = f"({length},)" if ndim == 1 else f"({length}, k)"
             msg = f"{name}: expected shape {expected}, got {tuple(tensor.shape)}."
             raise ValueError(msg)
         return tf.cast(tensor, self._compute_dtype)
+
+    def _checked_output(self, out: tf.Tensor) -> tf.Tensor:
+        if not bool(tf.reduce_all(tf.math.is_finite(out))):
+            msg = f"{type(self).__name__}: the product is not finite (NaN or inf); check the model, loss and vector."
+            raise ValueError(msg)
+        return out
 
     def tf_matmat(self, block: Any) -> tf.Tensor:
         """Product with a tensor block of shape (n, k), returned as a tensor on the device.
 
         No numpy round trip: for use inside TensorFlow code.
         """
-        block = self._check_tf_input(block, 2, "block")
-        out = self._tf_matmat(block)
-        if not bool(tf.reduce_all(tf.math.is_finite(out))):
-            msg = f"{type(self).__name__}: the product is not finite (NaN or inf); check the model, loss and vector."
-            raise ValueError(msg)
-        return out
+        block = self._check_tf_input(block, 2, self.shape[1], "block")
+        return self._checked_output(self._tf_matmat(block))
 
     def tf_matvec(self, vector: Any) -> tf.Tensor:
         """Product with a tensor vector of shape (n,), returned as a tensor on the device."""
-        vector = self._check_tf_input(vector, 1, "vector")
+        vector = self._check_tf_input(vector, 1, self.shape[1], "vector")
         return self.tf_matmat(vector[:, None])[:, 0]
+
+    def tf_rmatmat(self, block: Any) -> tf.Tensor:
+        """Adjoint product with a tensor block of shape (m, k), as a tensor on the device."""
+        block = self._check_tf_input(block, 2, self.shape[0], "block")
+        return self._checked_output(self._tf_rmatmat(block))
+
+    def tf_rmatvec(self, vector: Any) -> tf.Tensor:
+        """Adjoint product with a tensor vector of shape (m,), as a tensor on the device."""
+        vector = self._check_tf_input(vector, 1, self.shape[0], "vector")
+        return self.tf_rmatmat(vector[:, None])[:, 0]
 
     # -- scipy interface --------------------------------------------------------
     def _to_numpy_input(self, array: Any, name: str) -> np.ndarray:
@@ -209,23 +265,77 @@ class DataPassOperator(LinearOperator):
         check_finite_array(array, name)
         return array
 
-    def matvec(self, x: Any) -> np.ndarray:
+    def _checked_vector(self, x: Any, length: int) -> np.ndarray:
         x = self._to_numpy_input(x, "x")
-        if x.shape not in ((self.shape[1],), (self.shape[1], 1)):
-            msg = f"x: expected shape ({self.shape[1]},) or ({self.shape[1]}, 1), got {x.shape}."
+        if x.shape not in ((length,), (length, 1)):
+            msg = f"x: expected shape ({length},) or ({length}, 1), got {x.shape}."
             raise ValueError(msg)
-        return super().matvec(x)
+        return x
+
+    def _checked_block(self, X: Any, length: int) -> np.ndarray:  # noqa: N803
+        X = self._to_numpy_input(X, "X")  # noqa: N806
+        if X.ndim != 2 or X.shape[0] != length:
+            msg = f"X: expected shape ({length}, k), got {X.shape}."
+            raise ValueError(msg)
+        return X
+
+    def matvec(self, x: Any) -> np.ndarray:
+        return super().matvec(self._checked_vector(x, self.shape[1]))
 
     def matmat(self, X: Any) -> np.ndarray:  # noqa: N803 - scipy's name
-        X = self._to_numpy_input(X, "X")  # noqa: N806
-        if X.ndim != 2 or X.shape[0] != self.shape[1]:
-            msg = f"X: expected shape ({self.shape[1]}, k), got {X.shape}."
-            raise ValueError(msg)
-        return super().matmat(X)
+        return super().matmat(self._checked_block(X, self.shape[1]))
+
+    def rmatvec(self, x: Any) -> np.ndarray:
+        return super().rmatvec(self._checked_vector(x, self.shape[0]))
+
+    def rmatmat(self, X: Any) -> np.ndarray:  # noqa: N803
+        return super().rmatmat(self._checked_block(X, self.shape[0]))
+
+    def _run(self, tf_method: Callable[[tf.Tensor], tf.Tensor], X: np.ndarray) -> np.ndarray:  # noqa: N803
+        block = tf.convert_to_tensor(np.asarray(X, dtype=self._compute_dtype.as_numpy_dtype))
+        return tf_method(block).numpy().astype(self.dtype, copy=False)
 
     def _matmat(self, X: np.ndarray) -> np.ndarray:  # noqa: N803
-        block = tf.convert_to_tensor(np.asarray(X, dtype=self._compute_dtype.as_numpy_dtype))
-        return self.tf_matmat(block).numpy().astype(self.dtype, copy=False)
+        return self._run(self.tf_matmat, X)
 
     def _matvec(self, x: np.ndarray) -> np.ndarray:
         return self._matmat(np.reshape(x, (-1, 1))).reshape(-1)
+
+    def _rmatmat(self, X: np.ndarray) -> np.ndarray:  # noqa: N803
+        return self._run(self.tf_rmatmat, X)
+
+    def _rmatvec(self, x: np.ndarray) -> np.ndarray:
+        return self._rmatmat(np.reshape(x, (-1, 1))).reshape(-1)
+
+
+class SymmetricDataPassOperator(DataPassOperator):
+    """A data-pass operator equal to its adjoint (H, G, GGN): ``A.H is A``."""
+
+    def _adjoint(self) -> SymmetricDataPassOperator:
+        return self
+
+    def _transpose(self) -> SymmetricDataPassOperator:
+        return self
+
+    def to_dense(self, *, max_params: int = DEFAULT_MAX_DENSE, block_size: int = 256) -> np.ndarray:
+        """The full P×P matrix from blocks of unit vectors; refuses P above ``max_params``.
+
+        Parameters
+        ----------
+        max_params : int
+            Refuse when P exceeds this (the dense matrix needs P² numbers); raise
+            it deliberately for larger models.
+        block_size : int
+            Columns per data pass; memory grows with it.
+
+        Returns
+        -------
+        numpy.ndarray
+            Array of shape (P, P) and the operator's dtype.
+
+        Raises
+        ------
+        ValueError
+            If P > max_params, or block_size < 1.
+        """
+        return dense_from_operator(self, max_params=max_params, block_size=block_size)

@@ -1,9 +1,28 @@
 """The TensorFlow engine shared by every hessop operator.
 
 It owns the model call, the loss reduction, the flat parameter layout and the
-compiled (``tf.function``) per-batch products: loss, gradient and
-Hessian-vector products. Operators never touch autodiff themselves; they ask
-the engine for per-batch *sums* over examples and do the weighting.
+compiled (``tf.function``) per-batch products. Operators never touch autodiff
+themselves: they ask the engine for per-batch *sums* over examples and do the
+weighting.
+
+Each product is written once, for a single flat vector ``v``; its block
+version (k vectors, one pass over the batch) is the same function under
+``tf.vectorized_map``, which batches the tangents instead of looping.
+
+Products, for a batch with per-example losses ℓ_b and outputs f_b (B×C):
+
+=================  =============  ==========  =====================================
+name               input          output      value
+=================  =============  ==========  =====================================
+``hvp_forward``    v (P,)         (P,)        ∇²(Σ ℓ_b) v, forward-over-reverse
+``hvp_reverse``    v (P,)         (P,)        ∇²(Σ ℓ_b) v, reverse-over-reverse
+``jvp_loss``       v (P,)         (B,)        J_b v (rows of J_b: ∇ℓ_n)
+``vjp_loss``       u (B,)         (P,)        J_bᵀ u
+``opg``            v (P,)         (P,)        J_bᵀ J_b v
+``ggn``            v (P,)         (P,)        J_fᵀ ∇²_f(Σ ℓ_b) J_f v
+``jvp_outputs``    v (P,)         (B·C,)      J_f v, example-major
+``vjp_outputs``    u (B·C,)       (P,)        J_fᵀ u
+=================  =============  ==========  =====================================
 """
 
 from __future__ import annotations
@@ -92,16 +111,76 @@ class Engine:
         self._chosen_mode: dict[str, str] = {}
         self.timings: dict[str, dict[str, float]] = {}
         self._warned_dtype = False
-        compile_ = lambda f: tf.function(f, reduce_retracing=True)  # noqa: E731
-        self.loss_sum = compile_(self._loss_sum)
-        self.per_example_loss = compile_(self._per_example_loss)
-        self.loss_and_gradient = compile_(self._loss_and_gradient)
-        self._hvp = {
-            ("forward", "single"): compile_(self._hvp_forward),
-            ("reverse", "single"): compile_(self._hvp_reverse),
-            ("forward", "block"): compile_(self._hvp_block_forward),
-            ("reverse", "block"): compile_(self._hvp_block_reverse),
+        self.loss_sum = self._compile(self._loss_sum)
+        self.strict_loss_sum = self._compile(lambda x, y: tf.reduce_sum(self._per_example_loss(x, y, strict=True)))
+        self.loss_and_gradient = self._compile(self._loss_and_gradient)
+        self.per_example_gradients = self._compile(self._per_example_gradients)
+        self.outputs = self._compile(self._flat_outputs)
+        self._singles: dict[str, Callable[..., tf.Tensor]] = {
+            "hvp_forward": self._hvp_forward,
+            "hvp_reverse": self._hvp_reverse,
+            "jvp_loss": self._jvp_loss,
+            "vjp_loss": self._vjp_loss,
+            "opg": self._opg,
+            "ggn": self._ggn,
+            "jvp_outputs": self._jvp_outputs,
+            "vjp_outputs": self._vjp_outputs,
         }
+        self._compiled: dict[tuple[str, str], Callable[..., tf.Tensor]] = {}
+
+    @staticmethod
+    def _compile(fn: Callable[..., Any]) -> Callable[..., Any]:
+        # reduce_retracing: a short last batch relaxes the batch dimension once
+        # instead of tracing a new graph per batch shape.
+        return tf.function(fn, reduce_retracing=True)
+
+    # -- compiled products --------------------------------------------------------
+    def function(self, name: str, kind: str) -> Callable[..., tf.Tensor]:
+        """Compiled per-batch product ``name``; ``kind`` "single" (vector) or "block" (k, n)."""
+        key = (name, kind)
+        if key not in self._compiled:
+            single = self._singles[name]
+            if kind == "single":
+                self._compiled[key] = self._compile(single)
+            else:
+                self._compiled[key] = self._compile(
+                    lambda x, y, block: tf.vectorized_map(lambda v: single(x, y, v), block)
+                )
+        return self._compiled[key]
+
+    def hvp_function(self, kind: str, x: Any, y: Any, probe: tf.Tensor) -> Callable[..., tf.Tensor]:
+        """The compiled per-batch HVP for ``kind`` in {"single", "block"}.
+
+        With ``hvp_mode="auto"`` the first call times both modes on the given
+        batch (after tracing) and keeps the faster one for this kind.
+        """
+        mode = self.hvp_mode if self.hvp_mode != "auto" else self._chosen_mode.get(kind)
+        if mode is None:
+            mode = self._choose_mode(kind, x, y, probe)
+        return self.function(f"hvp_{mode}", kind)
+
+    def _choose_mode(self, kind: str, x: Any, y: Any, probe: tf.Tensor) -> str:
+        times: dict[str, float] = {}
+        for mode in ("reverse", "forward"):
+            fn = self.function(f"hvp_{mode}", kind)
+            try:
+                fn(x, y, probe).numpy()  # trace and warm up
+            except (NotImplementedError, LookupError, TypeError, ValueError) as err:
+                if mode == "reverse":
+                    raise
+                # Some ops have no forward-mode rule; reverse-over-reverse always works.
+                warnings.warn(f"forward-over-reverse HVP unavailable ({err}); using reverse-over-reverse.", stacklevel=3)
+                continue
+            samples = []
+            for _ in range(3):
+                start = time.perf_counter()
+                fn(x, y, probe).numpy()
+                samples.append(time.perf_counter() - start)
+            times[mode] = min(samples)
+        best = min(times, key=times.get)
+        self._chosen_mode[kind] = best
+        self.timings[kind] = times
+        return best
 
     # -- flat layout (traced) -------------------------------------------------
     def split(self, vector: tf.Tensor) -> list[tf.Tensor]:
@@ -109,28 +188,36 @@ class Engine:
         parts = tf.split(vector, self.sizes, axis=-1)
         return [tf.reshape(p, s) for p, s in zip(parts, self.shapes)]
 
-    def split_block(self, block: tf.Tensor) -> list[tf.Tensor]:
-        """(k, P) tensor -> list of (k, *shape) tensors."""
-        parts = tf.split(block, self.sizes, axis=-1)
-        return [tf.reshape(p, (-1, *s)) for p, s in zip(parts, self.shapes)]
-
     @staticmethod
     def concat(tensors: Sequence[tf.Tensor]) -> tf.Tensor:
         return tf.concat([tf.reshape(t, [-1]) for t in tensors], axis=0)
 
-    @staticmethod
-    def concat_block(tensors: Sequence[tf.Tensor]) -> tf.Tensor:
-        k = tf.shape(tensors[0])[0]
-        return tf.concat([tf.reshape(t, (k, -1)) for t in tensors], axis=1)
+    # -- model and loss (traced) ---------------------------------------------------
+    def _outputs(self, x: Any) -> tf.Tensor:
+        """Model outputs as a (B, C) tensor (trailing axes flattened, example-major)."""
+        out = self._call_model(x)
+        if not isinstance(out, (tf.Tensor, tf.Variable)) and len(tf.nest.flatten(out)) != 1:
+            msg = f"model: expected a single output tensor, got {type(out).__name__} with {len(tf.nest.flatten(out))} tensors."
+            raise TypeError(msg)
+        out = tf.convert_to_tensor(tf.nest.flatten(out)[0])
+        return tf.reshape(out, (_batch_size_of(x), -1))
 
-    # -- loss (traced) ----------------------------------------------------------
-    def _per_example_loss(self, x: Any, y: Any) -> tf.Tensor:
-        """Per-example losses, shape [B]; a scalar (batch mean) loss is returned as [1]*B times it."""
+    def _flat_outputs(self, x: Any) -> tf.Tensor:
+        return tf.reshape(self._outputs(x), [-1])
+
+    def _per_example_loss(self, x: Any, y: Any, predictions: Any = None, *, strict: bool = False) -> tf.Tensor:
+        """Per-example losses, shape [B].
+
+        A scalar loss is read as the batch mean (as Keras loss objects return)
+        and spread evenly, which is exact for sums and Hessians of the sum but
+        not for per-example gradients: ``strict=True`` refuses it there.
+        """
         if self.loss_fn is None:
             msg = "loss_fn: this operation needs a loss function, got None."
             raise ValueError(msg)
-        loss = self.loss_fn(y, self._call_model(x))
-        loss = tf.convert_to_tensor(loss)
+        if predictions is None:
+            predictions = self._call_model(x)
+        loss = tf.convert_to_tensor(self.loss_fn(y, predictions))
         if not loss.dtype.is_floating:
             msg = f"loss_fn: expected a floating-point loss, got dtype {loss.dtype.name}."
             raise TypeError(msg)
@@ -145,7 +232,12 @@ class Engine:
         batch = _batch_size_of(x)
         rank = loss.shape.rank
         if rank == 0:
-            # A scalar is read as the batch mean (as Keras loss objects return).
+            if strict:
+                msg = (
+                    "loss_fn: per-example gradients need per-example losses (shape [B]), but "
+                    "the loss is a scalar batch mean; for Keras losses pass reduction=None."
+                )
+                raise ValueError(msg)
             return tf.fill([batch], tf.cast(loss, self.dtype))
         if rank == 2 and loss.shape[1] == 1:
             loss = loss[:, 0]
@@ -168,69 +260,81 @@ class Engine:
     def _loss_and_gradient(self, x: Any, y: Any) -> tuple[tf.Tensor, tf.Tensor]:
         with tf.GradientTape() as tape:
             loss = self._loss_sum(x, y)
-        grads = _dense(tape.gradient(loss, self.variables, unconnected_gradients=_ZERO))
-        return loss, self.concat(grads)
+        return loss, self.concat(_dense(tape.gradient(loss, self.variables, unconnected_gradients=_ZERO)))
+
+    def _gradient_parts(self, tape: tf.GradientTape, target: tf.Tensor, output_gradients: Any = None) -> list[tf.Tensor]:
+        return _dense(tape.gradient(target, self.variables, output_gradients=output_gradients, unconnected_gradients=_ZERO))
 
     # -- Hessian-vector products (traced) ---------------------------------------
-    def _hvp_forward_parts(self, x: Any, y: Any, tangents: list[tf.Tensor]) -> list[tf.Tensor]:
-        with tf.autodiff.ForwardAccumulator(self.variables, tangents) as acc:
+    def _hvp_forward(self, x: Any, y: Any, v: tf.Tensor) -> tf.Tensor:
+        with tf.autodiff.ForwardAccumulator(self.variables, self.split(v)) as acc:
             with tf.GradientTape() as tape:
                 loss = self._loss_sum(x, y)
-            grads = _dense(tape.gradient(loss, self.variables, unconnected_gradients=_ZERO))
-        return acc.jvp(grads, unconnected_gradients=_ZERO)
+            grads = self._gradient_parts(tape, loss)
+        return self.concat(acc.jvp(grads, unconnected_gradients=_ZERO))
 
-    def _hvp_reverse_parts(self, x: Any, y: Any, tangents: list[tf.Tensor]) -> list[tf.Tensor]:
+    def _hvp_reverse(self, x: Any, y: Any, v: tf.Tensor) -> tf.Tensor:
+        tangents = self.split(tf.stop_gradient(v))
         with tf.GradientTape() as outer:
             with tf.GradientTape() as inner:
                 loss = self._loss_sum(x, y)
-            grads = _dense(inner.gradient(loss, self.variables, unconnected_gradients=_ZERO))
-            dot = tf.add_n([tf.reduce_sum(g * tf.stop_gradient(t)) for g, t in zip(grads, tangents)])
-        return _dense(outer.gradient(dot, self.variables, unconnected_gradients=_ZERO))
+            grads = self._gradient_parts(inner, loss)
+            dot = tf.add_n([tf.reduce_sum(g * t) for g, t in zip(grads, tangents)])
+        return self.concat(self._gradient_parts(outer, dot))
 
-    def _hvp_forward(self, x: Any, y: Any, v: tf.Tensor) -> tf.Tensor:
-        return self.concat(self._hvp_forward_parts(x, y, self.split(v)))
+    # -- per-example loss Jacobian (traced) -----------------------------------------
+    def _jvp_loss(self, x: Any, y: Any, v: tf.Tensor) -> tf.Tensor:
+        with tf.autodiff.ForwardAccumulator(self.variables, self.split(v)) as acc:
+            losses = self._per_example_loss(x, y, strict=True)
+        return acc.jvp(losses, unconnected_gradients=_ZERO)
 
-    def _hvp_reverse(self, x: Any, y: Any, v: tf.Tensor) -> tf.Tensor:
-        return self.concat(self._hvp_reverse_parts(x, y, self.split(v)))
+    def _vjp_loss(self, x: Any, y: Any, u: tf.Tensor) -> tf.Tensor:
+        with tf.GradientTape() as tape:
+            losses = self._per_example_loss(x, y, strict=True)
+        return self.concat(self._gradient_parts(tape, losses, tf.stop_gradient(u)))
 
-    def _hvp_block_forward(self, x: Any, y: Any, block: tf.Tensor) -> tf.Tensor:
-        out = tf.vectorized_map(lambda t: self._hvp_forward_parts(x, y, t), self.split_block(block))
-        return self.concat_block(out)
+    def _opg(self, x: Any, y: Any, v: tf.Tensor) -> tf.Tensor:
+        # One forward pass carries both modes: J v forward, then J^T (J v) backward.
+        with tf.GradientTape() as tape:
+            with tf.autodiff.ForwardAccumulator(self.variables, self.split(v)) as acc:
+                losses = self._per_example_loss(x, y, strict=True)
+            jv = acc.jvp(losses, unconnected_gradients=_ZERO)
+        return self.concat(self._gradient_parts(tape, losses, tf.stop_gradient(jv)))
 
-    def _hvp_block_reverse(self, x: Any, y: Any, block: tf.Tensor) -> tf.Tensor:
-        out = tf.vectorized_map(lambda t: self._hvp_reverse_parts(x, y, t), self.split_block(block))
-        return self.concat_block(out)
+    def _per_example_gradients(self, x: Any, y: Any) -> tf.Tensor:
+        """(B, P) per-example gradients, vectorized by the tape's pfor Jacobian."""
+        with tf.GradientTape() as tape:
+            losses = self._per_example_loss(x, y, strict=True)
+        blocks = tape.jacobian(losses, self.variables, unconnected_gradients=_ZERO, experimental_use_pfor=True)
+        batch = tf.shape(losses)[0]
+        return tf.concat([tf.reshape(b, (batch, -1)) for b in blocks], axis=1)
 
-    def hvp_function(self, kind: str, x: Any, y: Any, probe: tf.Tensor) -> Callable[..., tf.Tensor]:
-        """The compiled per-batch HVP for ``kind`` in {"single", "block"}.
+    # -- output Jacobian and GGN (traced) -------------------------------------------
+    def _jvp_outputs(self, x: Any, y: Any, v: tf.Tensor) -> tf.Tensor:
+        with tf.autodiff.ForwardAccumulator(self.variables, self.split(v)) as acc:
+            outputs = self._outputs(x)
+        return tf.reshape(acc.jvp(outputs, unconnected_gradients=_ZERO), [-1])
 
-        With ``hvp_mode="auto"`` the first call times both modes on the given
-        batch (after tracing) and keeps the faster one for this kind.
-        """
-        mode = self.hvp_mode if self.hvp_mode != "auto" else self._chosen_mode.get(kind)
-        if mode is None:
-            mode = self._choose_mode(kind, x, y, probe)
-        return self._hvp[(mode, kind)]
+    def _vjp_outputs(self, x: Any, y: Any, u: tf.Tensor) -> tf.Tensor:
+        with tf.GradientTape() as tape:
+            outputs = self._outputs(x)
+        cotangent = tf.reshape(tf.stop_gradient(u), tf.shape(outputs))
+        return self.concat(self._gradient_parts(tape, outputs, cotangent))
 
-    def _choose_mode(self, kind: str, x: Any, y: Any, probe: tf.Tensor) -> str:
-        times: dict[str, float] = {}
-        for mode in ("reverse", "forward"):
-            fn = self._hvp[(mode, kind)]
-            try:
-                fn(x, y, probe).numpy()  # trace and warm up
-            except (NotImplementedError, LookupError, TypeError, ValueError) as err:
-                if mode == "reverse":
-                    raise
-                # Some ops have no forward-mode rule; reverse-over-reverse always works.
-                warnings.warn(f"forward-over-reverse HVP unavailable ({err}); using reverse-over-reverse.", stacklevel=3)
-                continue
-            samples = []
-            for _ in range(3):
-                start = time.perf_counter()
-                fn(x, y, probe).numpy()
-                samples.append(time.perf_counter() - start)
-            times[mode] = min(samples)
-        best = min(times, key=times.get)
-        self._chosen_mode[kind] = best
-        self.timings[kind] = times
-        return best
+    def _ggn(self, x: Any, y: Any, v: tf.Tensor) -> tf.Tensor:
+        with tf.GradientTape() as tape:
+            with tf.autodiff.ForwardAccumulator(self.variables, self.split(v)) as acc:
+                predictions = self._call_model(x)
+            jv = acc.jvp(predictions, unconnected_gradients=_ZERO)
+        # Hessian of the summed loss w.r.t. the outputs, times J v. Losses are
+        # separable over examples, so this is the per-example Hessian blocks at once.
+        fixed = tf.stop_gradient(predictions)
+        with tf.GradientTape() as outer:
+            outer.watch(fixed)
+            with tf.GradientTape() as inner:
+                inner.watch(fixed)
+                loss = tf.reduce_sum(self._per_example_loss(x, y, fixed))
+            grad_f = inner.gradient(loss, fixed, unconnected_gradients=_ZERO)
+            dot = tf.reduce_sum(grad_f * tf.stop_gradient(jv))
+        hjv = outer.gradient(dot, fixed, unconnected_gradients=_ZERO)
+        return self.concat(self._gradient_parts(tape, predictions, tf.stop_gradient(hjv)))

@@ -8,13 +8,13 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from hessop._base import DataPassOperator
-from hessop._dense import DEFAULT_MAX_DENSE, dense_from_operator
+from hessop._base import SymmetricDataPassOperator
+from hessop._dense import DEFAULT_MAX_DENSE
 
 __all__ = ["HessianOperator"]
 
 
-class HessianOperator(DataPassOperator):
+class HessianOperator(SymmetricDataPassOperator):
     r"""Exact Hessian of the mean (or summed) loss over a data set, matrix-free.
 
     Every product is a Hessian-vector product (Pearlmutter's trick) summed over
@@ -121,34 +121,13 @@ class HessianOperator(DataPassOperator):
         )
 
     def _tf_matmat(self, block: tf.Tensor) -> tf.Tensor:
-        engine = self._engine
-        x0, y0 = self._probe_batch()
-        if block.shape[1] == 1:
-            # One vector: the plain HVP avoids vectorized_map's overhead.
-            vector = block[:, 0]
-            hvp = engine.hvp_function("single", x0, y0, vector)
-            return self._accumulate(hvp, vector, desc="Hessian matvec")[:, None]
-        rows = tf.transpose(block)  # (k, P): vectorized_map maps over the leading axis
-        hvp = engine.hvp_function("block", x0, y0, rows)
-        return tf.transpose(self._accumulate(hvp, rows, desc="Hessian matmat"))
-
-    # A Hessian is symmetric: adjoint and transpose are the operator itself.
-    def _adjoint(self) -> HessianOperator:
-        return self
-
-    def _transpose(self) -> HessianOperator:
-        return self
-
-    def _rmatvec(self, x: np.ndarray) -> np.ndarray:
-        return self._matvec(x)
-
-    def _rmatmat(self, X: np.ndarray) -> np.ndarray:  # noqa: N803
-        return self._matmat(X)
+        return self._summed("hvp", block)
 
     def to_dense(self, *, max_params: int = DEFAULT_MAX_DENSE, block_size: int = 256) -> np.ndarray:
         """The full P×P Hessian, off-diagonal blocks between variables included.
 
-        Built from batched HVPs, ``block_size`` columns per pass over the data.
+        Built from batched HVPs, ``block_size`` columns per pass over the data
+        (unlike ``tf.hessians``, which returns only the per-variable diagonal blocks).
 
         Parameters
         ----------
@@ -178,5 +157,4 @@ class HessianOperator(DataPassOperator):
         >>> bool(np.allclose(H.to_dense(), x.T @ np.diag(np.exp(x @ beta.numpy())) @ x / 3))
         True
         """
-        return dense_from_operator(self, max_params=max_params, block_size=block_size)
-
+        return super().to_dense(max_params=max_params, block_size=block_size)
