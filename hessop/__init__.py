@@ -17,8 +17,14 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it
 _EXPORTS = {
-    # operators
+    # data-pass operators
     "HessianOperator": "hessop.hessian",
+    "JacobianOperator": "hessop.jacobian",
+    "OPGOperator": "hessop.opg",
+    "GGNOperator": "hessop.ggn",
+    "per_example_gradients": "hessop.opg",
+    # spectra
+    "eigen": "hessop.eigen",
     # parameter layout
     "flatten": "hessop._params",
     "unflatten": "hessop._params",
@@ -28,7 +34,11 @@ __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:  # pragma: no cover
     from hessop._params import flatten, unflatten
+    from hessop.eigen import eigen
+    from hessop.ggn import GGNOperator
     from hessop.hessian import HessianOperator
+    from hessop.jacobian import JacobianOperator
+    from hessop.opg import OPGOperator, per_example_gradients
 
 
 def __getattr__(name: str) -> Any:

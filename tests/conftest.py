@@ -73,6 +73,36 @@ def dense_hessian(case: Case) -> np.ndarray:
     return np.concatenate([np.reshape(b.numpy(), (size, -1)) for b in blocks], axis=1)
 
 
+def dense_per_example_gradients(case: Case) -> np.ndarray:
+    """(N, P): Jacobian of the per-example losses, one batch, no hessop code."""
+    with tf.GradientTape() as tape:
+        losses = case.per_example_loss()
+    blocks = tape.jacobian(losses, case.variables, unconnected_gradients="zero")
+    return np.concatenate([np.reshape(b.numpy(), (case.num_data, -1)) for b in blocks], axis=1)
+
+
+def dense_output_jacobian(case: Case) -> np.ndarray:
+    """(N*C, P): Jacobian of the flattened outputs, example-major."""
+    with tf.GradientTape() as tape:
+        outputs = tf.reshape(case.predict(case.x), [-1])
+    blocks = tape.jacobian(outputs, case.variables, unconnected_gradients="zero")
+    return np.concatenate([np.reshape(b.numpy(), (int(outputs.shape[0]), -1)) for b in blocks], axis=1)
+
+
+def dense_ggn(case: Case) -> np.ndarray:
+    """J_f^T (d^2 mean-loss / d f^2) J_f from dense autodiff pieces."""
+    jf = dense_output_jacobian(case)
+    outputs = tf.convert_to_tensor(case.predict(case.x))
+    with tf.GradientTape() as outer:
+        outer.watch(outputs)
+        with tf.GradientTape() as inner:
+            inner.watch(outputs)
+            loss = tf.reduce_mean(tf.reshape(case.loss_fn(case.y, outputs), [-1]))
+        grad = tf.reshape(inner.gradient(loss, outputs), [-1])
+    output_hessian = np.reshape(outer.jacobian(grad, outputs).numpy(), (grad.shape[0], -1))
+    return jf.T @ output_hessian @ jf
+
+
 def dense_gradient(case: Case) -> np.ndarray:
     with tf.GradientTape() as tape:
         loss = case.mean_loss()

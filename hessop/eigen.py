@@ -1,0 +1,140 @@
+"""Eigenpairs of symmetric curvature operators."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import scipy.linalg
+import scipy.sparse.linalg as sla
+
+__all__ = ["eigen", "check_k"]
+
+METHODS = ("lanczos", "ipca")
+
+
+def check_k(k: Any, size: int, *, name: str = "k") -> int:
+    """Validate a number of eigenpairs: an int with 1 <= k < size."""
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+        msg = f"{name}: expected an int, got {k!r}."
+        raise TypeError(msg)
+    if not 1 <= k < size:
+        msg = f"{name}={k} must satisfy 1 <= {name} < {size} (the operator's size)."
+        raise ValueError(msg)
+    return int(k)
+
+
+def eigen(
+    op: Any,
+    k: int,
+    *,
+    method: str = "lanczos",
+    which: str = "LA",
+    oversample: int = 10,
+    tol: float = 0.0,
+    seed: int | None = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    r"""Top eigenpairs of a symmetric operator (H, G, GGN or any LinearOperator).
+
+    Parameters
+    ----------
+    op : scipy.sparse.linalg.LinearOperator
+        Symmetric, shape (P, P).
+    k : int
+        Number of eigenpairs, ``1 <= k < P``.
+    method : {"lanczos", "ipca"}
+        ``"lanczos"``: ``scipy.sparse.linalg.eigsh`` (implicitly restarted
+        Lanczos), any symmetric operator. ``"ipca"``: only for `OPGOperator`;
+        one streaming pass over mini-batches of per-example gradients with an
+        uncentred incremental SVD of J (see Notes).
+    which : str
+        Passed to ``eigsh`` ("LA": largest algebraic, "LM", "SA", ...). ``"ipca"``
+        supports only "LA" (the largest eigenvalues of a PSD G).
+    oversample : int
+        ``"ipca"`` keeps ``k + oversample`` singular directions while streaming
+        and drops the extra ones at the end; accuracy grows with it.
+    tol : float
+        ``eigsh`` tolerance (0: machine precision).
+    seed : int or None
+        Seed for the Lanczos start vector, for reproducible results.
+
+    Returns
+    -------
+    eigenvalues : numpy.ndarray, shape (k,)
+        Sorted in descending order.
+    eigenvectors : numpy.ndarray, shape (P, k)
+        Orthonormal columns, matching ``eigenvalues``.
+
+    Raises
+    ------
+    ValueError
+        ``k`` out of range, unknown ``method``, ``"ipca"`` on an operator that
+        is not an `OPGOperator`, or ``which`` other than "LA" with ``"ipca"``.
+
+    Notes
+    -----
+    The incremental SVD keeps :math:`B = S V^\top` (r × P, r = k + oversample)
+    and, for each batch of gradient rows :math:`J_b`, replaces it by the top r
+    rows of :math:`\Sigma V^\top` from the thin SVD of :math:`[B; J_b]`. With no
+    truncation this is exactly the SVD of J, so :math:`\lambda_i = \sigma_i^2/N`
+    are the eigenvalues of :math:`G = J^\top J/N` itself. Unlike
+    ``sklearn.decomposition.IncrementalPCA`` nothing is centred: PCA of the rows
+    of J would give the gradient covariance :math:`G - \bar g\bar g^\top`, which
+    differs from G away from a stationary point. Truncation makes the result
+    approximate once the rank of J exceeds r; it is exact when r reaches it.
+    Memory is O((r + batch size)·P).
+
+    Examples
+    --------
+    >>> import numpy as np, scipy.sparse.linalg as sla, hessop
+    >>> A = sla.aslinearoperator(np.diag([5.0, 3.0, 2.0, 1.0]))
+    >>> values, vectors = hessop.eigen(A, k=2)
+    >>> values.round(6)
+    array([5., 3.])
+    """
+    if method not in METHODS:
+        msg = f"method: expected one of {METHODS}, got {method!r}."
+        raise ValueError(msg)
+    shape = getattr(op, "shape", None)
+    if shape is None or len(shape) != 2 or shape[0] != shape[1]:
+        msg = f"op: expected a square LinearOperator, got shape {shape}."
+        raise ValueError(msg)
+    k = check_k(k, int(shape[0]))
+    if method == "ipca":
+        return _eigen_incremental_svd(op, k, which=which, oversample=oversample)
+    rng = np.random.default_rng(seed)
+    v0 = rng.standard_normal(shape[0]).astype(op.dtype, copy=False)
+    values, vectors = sla.eigsh(op, k=k, which=which, tol=tol, v0=v0)
+    order = np.argsort(values)[::-1]
+    return values[order], vectors[:, order]
+
+
+def _eigen_incremental_svd(op: Any, k: int, *, which: str, oversample: int) -> tuple[np.ndarray, np.ndarray]:
+    from hessop.opg import OPGOperator
+
+    if not isinstance(op, OPGOperator):
+        msg = (
+            f"method='ipca' streams per-example gradients and needs an OPGOperator, got "
+            f"{type(op).__name__}; use method='lanczos' for other operators."
+        )
+        raise ValueError(msg)
+    if which != "LA":
+        msg = f"which: method='ipca' gives the largest eigenvalues (which='LA'), got {which!r}."
+        raise ValueError(msg)
+    if isinstance(oversample, bool) or not isinstance(oversample, (int, np.integer)) or oversample < 0:
+        msg = f"oversample: expected a non-negative int, got {oversample!r}."
+        raise ValueError(msg)
+    rank = k + int(oversample)
+    # Work in float64: squared singular values lose half the digits of float32.
+    basis = np.zeros((0, op.shape[0]))
+    for rows in op.per_example_gradients():
+        stacked = np.vstack([basis, rows.astype(np.float64, copy=False)])
+        _, singular, right = scipy.linalg.svd(stacked, full_matrices=False, check_finite=False)
+        keep = min(rank, singular.size)
+        basis = singular[:keep, None] * right[:keep]
+    _, singular, right = scipy.linalg.svd(basis, full_matrices=False, check_finite=False)
+    if singular.size < k:
+        msg = f"k={k} exceeds the number of examples seen ({singular.size}); J has at most that rank."
+        raise ValueError(msg)
+    eigenvalues = singular[:k] ** 2 * op.scale
+    return eigenvalues.astype(op.dtype), right[:k].T.astype(op.dtype)

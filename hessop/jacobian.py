@@ -1,0 +1,106 @@
+"""JacobianOperator: per-example loss gradients, or the Jacobian of model outputs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import tensorflow as tf
+
+from hessop._base import DataPassOperator
+
+__all__ = ["JacobianOperator"]
+
+TARGETS = ("loss", "outputs")
+
+
+class JacobianOperator(DataPassOperator):
+    r"""Jacobian of per-example losses (N × P) or of model outputs ((N·C) × P).
+
+    ``target="loss"``: row n is :math:`\nabla_\theta \ell_n`, so
+    :math:`J^\top J / N` is the outer product of gradients G.
+    ``target="outputs"``: the Jacobian of the flattened model outputs, rows
+    ordered example-major (example n's C outputs are rows nC … nC + C − 1).
+
+    Products are matrix-free: `matvec` is a Jacobian-vector product (forward
+    mode) per batch, `rmatvec` a vector-Jacobian product (reverse mode); a block
+    of k vectors costs one pass over the data. Composes with ``svds`` and ``lsqr``.
+
+    Parameters
+    ----------
+    model, data, params, batch_size, dtype, progress, check_deterministic
+        As for `HessianOperator`.
+    loss_fn : callable or None
+        Per-example loss ``loss_fn(y_true, y_pred)`` (shape ``[B]``; a scalar
+        batch mean cannot give per-example gradients and is refused). Ignored,
+        and may be None, for ``target="outputs"``.
+    target : {"loss", "outputs"}
+        Which Jacobian.
+
+    Raises
+    ------
+    ValueError
+        Unknown ``target``, a loss that is not per-example, and the data errors
+        of `HessianOperator`.
+
+    Examples
+    --------
+    >>> import numpy as np, tensorflow as tf, hessop
+    >>> beta = tf.Variable([0.5, -1.0], dtype=tf.float64)
+    >>> x = np.array([[1.0, 2.0], [0.5, -1.0], [2.0, 0.0]]); y = np.array([1.0, 0.0, 3.0])
+    >>> J = hessop.JacobianOperator(lambda x: tf.linalg.matvec(x, beta), lambda y, f: 0.5 * (f - y) ** 2,
+    ...                             (x, y), params=[beta])
+    >>> J.shape
+    (3, 2)
+    >>> bool(np.allclose(J @ np.eye(2), (x @ beta.numpy() - y)[:, None] * x))  # rows: residual * x_n
+    True
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        loss_fn: Callable[[Any, Any], Any] | None,
+        data: Any,
+        *,
+        target: str = "loss",
+        params: Sequence[Any] | None = None,
+        batch_size: int | None = None,
+        dtype: Any = None,
+        progress: bool = False,
+        check_deterministic: bool = True,
+    ) -> None:
+        if target not in TARGETS:
+            msg = f"target: expected one of {TARGETS}, got {target!r}."
+            raise ValueError(msg)
+        if target == "loss" and loss_fn is None:
+            msg = "loss_fn: target='loss' needs a per-example loss function, got None."
+            raise ValueError(msg)
+        self.target = target
+        uses_loss = target == "loss"
+        super().__init__(
+            model,
+            loss_fn if uses_loss else None,
+            data,
+            params=params,
+            batch_size=batch_size,
+            reduction="sum",  # rows are unweighted per-example quantities
+            dtype=dtype,
+            progress=progress,
+            check_deterministic=check_deterministic and uses_loss,
+            per_example_loss=True,
+            shape=(0, 0),  # set below, once the output width is known
+        )
+        if uses_loss:
+            self.num_outputs = 1
+        else:
+            x0, _ = self._probe_batch()
+            self.num_outputs = int(self._engine.outputs(x0).shape[0]) // self._batches.batch_sizes[0]
+        self.shape = (self.num_data * self.num_outputs, self.num_params)
+        prefix = "loss" if uses_loss else "outputs"
+        self._forward, self._backward = f"jvp_{prefix}", f"vjp_{prefix}"
+
+    def _tf_matmat(self, block: tf.Tensor) -> tf.Tensor:
+        return self._stacked(self._forward, block)
+
+    def _tf_rmatmat(self, block: tf.Tensor) -> tf.Tensor:
+        return self._sliced_sum(self._backward, block, self.num_outputs)

@@ -1,0 +1,134 @@
+"""OPGOperator (outer product of gradients G = JᵀJ/N) and per-example gradients."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from hessop._base import SymmetricDataPassOperator
+
+__all__ = ["OPGOperator", "per_example_gradients"]
+
+
+class OPGOperator(SymmetricDataPassOperator):
+    r"""Outer product of per-example gradients, :math:`G = \frac1N \sum_n g_n g_n^\top = J^\top J / N`.
+
+    Matrix-free: per batch, :math:`J_b v` (forward mode) then
+    :math:`J_b^\top (J_b v)` (reverse mode) in one forward pass; J is never
+    stored. With ``reduction="sum"`` the operator is :math:`J^\top J`. G is
+    uncentred (it is not the gradient covariance :math:`G - \bar g \bar g^\top`).
+
+    Parameters
+    ----------
+    model, loss_fn, data, params, batch_size, reduction, dtype, progress, check_deterministic
+        As for `HessianOperator`; ``loss_fn`` must return per-example losses.
+
+    Examples
+    --------
+    >>> import numpy as np, tensorflow as tf, hessop
+    >>> beta = tf.Variable([0.5, -1.0], dtype=tf.float64)
+    >>> x = np.array([[1.0, 2.0], [0.5, -1.0], [2.0, 0.0]]); y = np.array([1.0, 0.0, 3.0])
+    >>> G = hessop.OPGOperator(lambda x: tf.linalg.matvec(x, beta), lambda y, f: 0.5 * (f - y) ** 2,
+    ...                        (x, y), params=[beta])
+    >>> grads = (x @ beta.numpy() - y)[:, None] * x
+    >>> bool(np.allclose(G.to_dense(), grads.T @ grads / 3))
+    True
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        loss_fn: Callable[[Any, Any], Any],
+        data: Any,
+        *,
+        params: Sequence[Any] | None = None,
+        batch_size: int | None = None,
+        reduction: str = "mean",
+        dtype: Any = None,
+        progress: bool = False,
+        check_deterministic: bool = True,
+    ) -> None:
+        if loss_fn is None:
+            msg = "loss_fn: OPGOperator needs a per-example loss function, got None."
+            raise ValueError(msg)
+        super().__init__(
+            model,
+            loss_fn,
+            data,
+            params=params,
+            batch_size=batch_size,
+            reduction=reduction,
+            dtype=dtype,
+            progress=progress,
+            check_deterministic=check_deterministic,
+            per_example_loss=True,
+        )
+
+    def _tf_matmat(self, block: tf.Tensor) -> tf.Tensor:
+        return self._summed("opg", block)
+
+    def per_example_gradients(self) -> Iterator[np.ndarray]:
+        """Yield the rows of J batch by batch, each a (B, P) array (never all of J at once)."""
+        jacobian = self._engine.per_example_gradients
+        for x, y in self._iter_batches("per-example gradients"):
+            rows = jacobian(x, y).numpy().astype(self.dtype, copy=False)
+            if not np.all(np.isfinite(rows)):
+                msg = "per_example_gradients: a gradient is not finite (NaN or inf)."
+                raise ValueError(msg)
+            yield rows
+
+
+def per_example_gradients(
+    model: Any,
+    loss_fn: Callable[[Any, Any], Any],
+    data: Any,
+    *,
+    params: Sequence[Any] | None = None,
+    batch_size: int | None = None,
+    dtype: Any = None,
+    concatenate: bool = False,
+    max_rows: int = 100_000_000,
+) -> Iterator[np.ndarray] | np.ndarray:
+    r"""Per-example gradients :math:`g_n = \nabla_\theta \ell_n`, vectorized per batch.
+
+    Each batch is one vectorized Jacobian of the per-example losses (pfor), not a
+    Python loop over examples.
+
+    Parameters
+    ----------
+    model, loss_fn, data, params, batch_size, dtype
+        As for `OPGOperator`.
+    concatenate : bool
+        False (default): return an iterator of (B, P) blocks, one per batch.
+        True: return one (N, P) array.
+    max_rows : int
+        With ``concatenate=True``, refuse when N·P exceeds this many numbers.
+
+    Returns
+    -------
+    iterator of numpy.ndarray, or numpy.ndarray
+        Rows in data order, flat parameter order along columns.
+
+    Examples
+    --------
+    >>> import numpy as np, tensorflow as tf, hessop
+    >>> beta = tf.Variable([0.5, -1.0], dtype=tf.float64)
+    >>> x = np.array([[1.0, 2.0], [0.5, -1.0], [2.0, 0.0]]); y = np.array([1.0, 0.0, 3.0])
+    >>> J = hessop.per_example_gradients(lambda x: tf.linalg.matvec(x, beta), lambda y, f: 0.5 * (f - y) ** 2,
+    ...                                  (x, y), params=[beta], concatenate=True)
+    >>> J.shape
+    (3, 2)
+    """
+    G = OPGOperator(model, loss_fn, data, params=params, batch_size=batch_size, dtype=dtype, check_deterministic=False)
+    if not concatenate:
+        return G.per_example_gradients()
+    if G.num_data * G.num_params > max_rows:
+        msg = (
+            f"concatenate: N·P = {G.num_data}·{G.num_params} numbers exceeds max_rows={max_rows}; "
+            "iterate over the blocks instead or raise max_rows."
+        )
+        raise ValueError(msg)
+    return np.concatenate(list(G.per_example_gradients()), axis=0)

@@ -1,0 +1,73 @@
+"""JacobianOperator against closed forms and autodiff Jacobians; adjoint tests."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse.linalg as sla
+from conftest import dense_output_jacobian, dense_per_example_gradients, rel_err
+
+import hessop
+
+
+def loss_jacobian(case, **kwargs):
+    return hessop.JacobianOperator(case.model, case.loss_fn, (case.x, case.y), params=case.params, **kwargs)
+
+
+def test_logistic_rows_are_residual_times_features(logistic):
+    J = loss_jacobian(logistic, batch_size=128)
+    kernel, bias = (v.numpy() for v in logistic.variables)
+    p = 1 / (1 + np.exp(-(logistic.x @ kernel[:, 0] + bias[0])))
+    expected = (p - logistic.y[:, 0])[:, None] * np.column_stack([logistic.x, np.ones(len(p))])
+    assert J.shape == (1003, 5)
+    assert rel_err(J @ np.eye(5), expected) < 1e-10
+    assert rel_err(J.T @ np.eye(1003)[:, :7], expected.T[:, :7]) < 1e-10
+
+
+def test_loss_jacobian_matches_autodiff(case):
+    J = loss_jacobian(case, batch_size=16)
+    assert rel_err(J @ np.eye(J.shape[1]), dense_per_example_gradients(case)) < 1e-10
+
+
+def test_output_jacobian_matches_autodiff(case):
+    Jf = hessop.JacobianOperator(case.model, None, (case.x, None), params=case.params, target="outputs", batch_size=16)
+    expected = dense_output_jacobian(case)
+    assert Jf.shape == expected.shape
+    assert rel_err(Jf @ np.eye(Jf.shape[1]), expected) < 1e-10
+    u = np.random.default_rng(0).normal(size=Jf.shape[0])
+    assert rel_err(Jf.rmatvec(u), expected.T @ u) < 1e-10
+
+
+@pytest.mark.parametrize("target", ["loss", "outputs"])
+def test_adjoint_dot_test(mlp, target):
+    J = hessop.JacobianOperator(mlp.model, mlp.loss_fn, (mlp.x, mlp.y), target=target, batch_size=20)
+    rng = np.random.default_rng(1)
+    v = rng.normal(size=J.shape[1])
+    w = rng.normal(size=J.shape[0])
+    lhs, rhs = w @ (J @ v), v @ (J.H @ w)
+    assert abs(lhs - rhs) <= 1e-12 * abs(lhs) + 1e-14
+    block = rng.normal(size=(J.shape[0], 3))
+    assert rel_err(J.H @ block, np.column_stack([J.rmatvec(block[:, i]) for i in range(3)])) < 1e-12
+
+
+def test_svds_and_lsqr(mlp):
+    J = loss_jacobian(mlp, batch_size=20)
+    dense = dense_per_example_gradients(mlp)
+    singular = np.sort(sla.svds(J, k=3, tol=1e-12, random_state=0)[1])
+    assert np.allclose(singular, np.linalg.svd(dense, compute_uv=False)[:3][::-1], rtol=1e-8)
+    b = np.random.default_rng(2).normal(size=J.shape[0])
+    solution = sla.lsqr(J, b, atol=1e-14, btol=1e-14, iter_lim=2000)[0]
+    assert rel_err(solution, np.linalg.lstsq(dense, b, rcond=None)[0]) < 1e-6
+
+
+def test_bad_target_and_scalar_loss(mlp):
+    import keras
+
+    with pytest.raises(ValueError, match="target"):
+        hessop.JacobianOperator(mlp.model, mlp.loss_fn, (mlp.x, mlp.y), target="logits")
+    mean_loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True, dtype="float64")
+    with pytest.raises(ValueError, match="per-example"):
+        hessop.JacobianOperator(mlp.model, mean_loss, (mlp.x, mlp.y))
+    J = loss_jacobian(mlp)
+    with pytest.raises(ValueError, match=r"x: expected shape \(64,\)"):
+        J.rmatvec(np.ones(3))

@@ -1,0 +1,45 @@
+"""OPGOperator and per_example_gradients against J^T J / N from autodiff."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import dense_per_example_gradients, rel_err
+
+import hessop
+
+
+def test_opg_equals_jtj_over_n(case):
+    G = hessop.OPGOperator(case.model, case.loss_fn, (case.x, case.y), params=case.params, batch_size=16)
+    J = dense_per_example_gradients(case)
+    assert rel_err(G.to_dense(block_size=5), J.T @ J / case.num_data) < 1e-10
+
+
+def test_sum_reduction_and_dataset(logistic):
+    J = dense_per_example_gradients(logistic)
+    dataset = tf.data.Dataset.from_tensor_slices((logistic.x, logistic.y)).batch(100)
+    G_sum = hessop.OPGOperator(logistic.model, logistic.loss_fn, dataset, reduction="sum")
+    assert rel_err(G_sum @ np.eye(5), J.T @ J) < 1e-10
+
+
+def test_opg_is_uncentred(mlp):
+    G = hessop.OPGOperator(mlp.model, mlp.loss_fn, (mlp.x, mlp.y))
+    J = dense_per_example_gradients(mlp)
+    mean_gradient = J.mean(axis=0)
+    assert np.linalg.norm(mean_gradient) > 1e-2  # away from a stationary point
+    dense = G.to_dense()
+    assert rel_err(dense, np.cov(J.T, bias=True)) > 1e-2  # not the covariance
+    assert rel_err(dense - np.outer(mean_gradient, mean_gradient), np.cov(J.T, bias=True)) < 1e-10
+
+
+@pytest.mark.parametrize("batch_size", [5, 64])
+def test_per_example_gradients(mlp, batch_size):
+    expected = dense_per_example_gradients(mlp)
+    blocks = list(hessop.per_example_gradients(mlp.model, mlp.loss_fn, (mlp.x, mlp.y), batch_size=batch_size))
+    assert [b.shape[0] for b in blocks] == [batch_size] * (64 // batch_size) + ([64 % batch_size] if 64 % batch_size else [])
+    assert rel_err(np.vstack(blocks), expected) < 1e-10
+    stacked = hessop.per_example_gradients(mlp.model, mlp.loss_fn, (mlp.x, mlp.y), concatenate=True)
+    assert rel_err(stacked, expected) < 1e-10
+    with pytest.raises(ValueError, match="max_rows"):
+        hessop.per_example_gradients(mlp.model, mlp.loss_fn, (mlp.x, mlp.y), concatenate=True, max_rows=10)
