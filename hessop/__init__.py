@@ -23,8 +23,20 @@ _EXPORTS = {
     "OPGOperator": "hessop.opg",
     "GGNOperator": "hessop.ggn",
     "per_example_gradients": "hessop.opg",
-    # spectra
+    # low-rank and full-rank approximations
+    "LowRankOperator": "hessop.lowrank",
+    "FullRankOperator": "hessop.lowrank",
+    "load": "hessop.lowrank",
+    "low_rank": "hessop.eigen",
+    "full_rank": "hessop.eigen",
+    # spectra and estimators
     "eigen": "hessop.eigen",
+    "trace": "hessop.estimators",
+    "diagonal": "hessop.estimators",
+    "row_sums": "hessop.estimators",
+    "spectral_density": "hessop.estimators",
+    "SpectralDensity": "hessop.estimators",
+    "plot_spectrum": "hessop.plot",
     # parameter layout
     "flatten": "hessop._params",
     "unflatten": "hessop._params",
@@ -34,11 +46,14 @@ __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:  # pragma: no cover
     from hessop._params import flatten, unflatten
-    from hessop.eigen import eigen
+    from hessop.eigen import eigen, full_rank, low_rank
+    from hessop.estimators import SpectralDensity, diagonal, row_sums, spectral_density, trace
     from hessop.ggn import GGNOperator
     from hessop.hessian import HessianOperator
     from hessop.jacobian import JacobianOperator
+    from hessop.lowrank import FullRankOperator, LowRankOperator, load
     from hessop.opg import OPGOperator, per_example_gradients
+    from hessop.plot import plot_spectrum
 
 
 def __getattr__(name: str) -> Any:

@@ -8,18 +8,20 @@ import numpy as np
 import scipy.linalg
 import scipy.sparse.linalg as sla
 
-__all__ = ["eigen", "check_k"]
+__all__ = ["eigen", "low_rank", "full_rank", "check_k"]
 
-METHODS = ("lanczos", "ipca")
+METHODS = ("lanczos", "ipca", "randomized")
 
 
-def check_k(k: Any, size: int, *, name: str = "k") -> int:
-    """Validate a number of eigenpairs: an int with 1 <= k < size."""
+def check_k(k: Any, size: int, *, name: str = "k", allow_full: bool = False) -> int:
+    """Validate a number of eigenpairs: an int with 1 <= k < size (<= size if allow_full)."""
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
         msg = f"{name}: expected an int, got {k!r}."
         raise TypeError(msg)
-    if not 1 <= k < size:
-        msg = f"{name}={k} must satisfy 1 <= {name} < {size} (the operator's size)."
+    upper = size if allow_full else size - 1
+    if not 1 <= k <= upper:
+        relation = "<=" if allow_full else "<"
+        msg = f"{name}={k} must satisfy 1 <= {name} {relation} {size} (the operator's size)."
         raise ValueError(msg)
     return int(k)
 
@@ -31,6 +33,7 @@ def eigen(
     method: str = "lanczos",
     which: str = "LA",
     oversample: int = 10,
+    power_iterations: int = 4,
     tol: float = 0.0,
     seed: int | None = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -41,22 +44,30 @@ def eigen(
     op : scipy.sparse.linalg.LinearOperator
         Symmetric, shape (P, P).
     k : int
-        Number of eigenpairs, ``1 <= k < P``.
-    method : {"lanczos", "ipca"}
+        Number of eigenpairs, ``1 <= k <= P``. ``k = P`` (all of them) is an
+        exact eigendecomposition from P products in blocks, whatever ``method``
+        says: Lanczos cannot return all P.
+    method : {"lanczos", "ipca", "randomized"}
         ``"lanczos"``: ``scipy.sparse.linalg.eigsh`` (implicitly restarted
         Lanczos), any symmetric operator. ``"ipca"``: only for `OPGOperator`;
         one streaming pass over mini-batches of per-example gradients with an
-        uncentred incremental SVD of J (see Notes).
+        uncentred incremental SVD of J (see Notes). ``"randomized"``: a
+        randomized range finder with ``power_iterations`` subspace iterations
+        on blocks of ``k + oversample`` vectors (one data pass per block
+        product; largest-magnitude eigenvalues, which="LM" semantics).
     which : str
         Passed to ``eigsh`` ("LA": largest algebraic, "LM", "SA", ...). ``"ipca"``
         supports only "LA" (the largest eigenvalues of a PSD G).
     oversample : int
         ``"ipca"`` keeps ``k + oversample`` singular directions while streaming
-        and drops the extra ones at the end; accuracy grows with it.
+        and drops the extra ones at the end; ``"randomized"`` uses blocks of
+        ``k + oversample`` vectors. Accuracy grows with it.
+    power_iterations : int
+        Subspace iterations of ``"randomized"``.
     tol : float
         ``eigsh`` tolerance (0: machine precision).
     seed : int or None
-        Seed for the Lanczos start vector, for reproducible results.
+        Seed for the Lanczos start vector or the random test matrix.
 
     Returns
     -------
@@ -99,10 +110,15 @@ def eigen(
     if shape is None or len(shape) != 2 or shape[0] != shape[1]:
         msg = f"op: expected a square LinearOperator, got shape {shape}."
         raise ValueError(msg)
-    k = check_k(k, int(shape[0]))
+    k = check_k(k, int(shape[0]), allow_full=method != "ipca")
+    if isinstance(oversample, bool) or not isinstance(oversample, (int, np.integer)) or oversample < 0:
+        msg = f"oversample: expected a non-negative int, got {oversample!r}."
+        raise ValueError(msg)
     if method == "ipca":
         return _eigen_incremental_svd(op, k, which=which, oversample=oversample)
     rng = np.random.default_rng(seed)
+    if method == "randomized" or k == shape[0]:
+        return _eigen_randomized(op, k, oversample=oversample, power_iterations=power_iterations, rng=rng)
     v0 = rng.standard_normal(shape[0]).astype(op.dtype, copy=False)
     values, vectors = sla.eigsh(op, k=k, which=which, tol=tol, v0=v0)
     order = np.argsort(values)[::-1]
@@ -121,9 +137,6 @@ def _eigen_incremental_svd(op: Any, k: int, *, which: str, oversample: int) -> t
     if which != "LA":
         msg = f"which: method='ipca' gives the largest eigenvalues (which='LA'), got {which!r}."
         raise ValueError(msg)
-    if isinstance(oversample, bool) or not isinstance(oversample, (int, np.integer)) or oversample < 0:
-        msg = f"oversample: expected a non-negative int, got {oversample!r}."
-        raise ValueError(msg)
     rank = k + int(oversample)
     # Work in float64: squared singular values lose half the digits of float32.
     basis = np.zeros((0, op.shape[0]))
@@ -138,3 +151,78 @@ def _eigen_incremental_svd(op: Any, k: int, *, which: str, oversample: int) -> t
         raise ValueError(msg)
     eigenvalues = singular[:k] ** 2 * op.scale
     return eigenvalues.astype(op.dtype), right[:k].T.astype(op.dtype)
+
+
+def _eigen_randomized(op: Any, k: int, *, oversample: int, power_iterations: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Halko-Martinsson-Tropp randomized eigendecomposition of a symmetric operator."""
+    size = op.shape[0]
+    width = min(size, k + oversample)
+    basis = np.linalg.qr(op.matmat(rng.standard_normal((size, width)).astype(op.dtype)))[0]
+    for _ in range(int(power_iterations)):
+        basis = np.linalg.qr(op.matmat(basis))[0]
+    image = op.matmat(basis)
+    small = basis.T @ image
+    values, vectors = np.linalg.eigh((small + small.T) / 2)
+    order = np.argsort(np.abs(values))[::-1][:k]
+    order = order[np.argsort(values[order])[::-1]]
+    return values[order].astype(op.dtype), (basis @ vectors[:, order]).astype(op.dtype)
+
+
+def low_rank(op: Any, k: int, *, method: str = "lanczos", **options: Any) -> Any:
+    r"""Low-rank approximation :math:`Q\Lambda Q^\top` from the top-k eigenpairs of ``op``.
+
+    Parameters
+    ----------
+    op : LinearOperator
+        Symmetric, e.g. `HessianOperator`, `OPGOperator`, `GGNOperator`.
+    k : int
+        Number of eigenpairs kept.
+    method : {"lanczos", "ipca", "randomized"}
+        As in `eigen`; further ``options`` are passed to it.
+
+    Returns
+    -------
+    LowRankOperator
+
+    Examples
+    --------
+    >>> import numpy as np, scipy.sparse.linalg as sla, hessop
+    >>> A = hessop.low_rank(sla.aslinearoperator(np.diag([4.0, 3.0, 1.0, 0.5])), k=2)
+    >>> A.eigenvalues.round(10)
+    array([4., 3.])
+    """
+    from hessop.lowrank import LowRankOperator
+
+    values, vectors = eigen(op, k, method=method, **options)
+    return LowRankOperator(vectors, values)
+
+
+def full_rank(op: Any, k: int, *, tail: float | None = None, method: str = "lanczos", **options: Any) -> Any:
+    r"""Full-rank approximation :math:`Q\Lambda Q^\top + \tilde\lambda(I - QQ^\top)` of ``op``.
+
+    Parameters
+    ----------
+    op : LinearOperator
+        Symmetric.
+    k : int
+        Number of eigenpairs kept.
+    tail : float, optional
+        :math:`\tilde\lambda`; default the smallest kept eigenvalue.
+    method : {"lanczos", "ipca", "randomized"}
+        As in `eigen`; further ``options`` are passed to it.
+
+    Returns
+    -------
+    FullRankOperator
+
+    Examples
+    --------
+    >>> import numpy as np, scipy.sparse.linalg as sla, hessop
+    >>> A = hessop.full_rank(sla.aslinearoperator(np.diag([4.0, 3.0, 1.0, 0.5])), k=2)
+    >>> round(A.tail, 10)
+    3.0
+    """
+    from hessop.lowrank import FullRankOperator
+
+    values, vectors = eigen(op, k, method=method, **options)
+    return FullRankOperator(vectors, values, tail)
