@@ -51,9 +51,9 @@ def check_finite_array(array: np.ndarray, name: str) -> None:
 class DataPassOperator(LinearOperator):
     """A LinearOperator whose every product is one pass over mini-batches of data.
 
-    Subclasses call ``super().__init__`` with the shape and implement
-    ``_tf_matmat`` (tensor (n_in, k) -> tensor (n_out, k)), usually through
-    ``self._accumulate``.
+    Subclasses implement ``_apply`` (and ``_apply_adjoint`` unless symmetric)
+    on a vector (n,) or a block of vectors as rows (k, n), usually with one of
+    the pass helpers ``_summed``, ``_stacked`` or ``_sliced_sum``.
     """
 
     def __init__(
@@ -116,58 +116,43 @@ class DataPassOperator(LinearOperator):
         return self._first_batch
 
     def _iter_batches(self, desc: str) -> Any:
-        return tqdm(
-            self._batches,
-            total=self._batches.num_batches,
-            desc=desc,
-            disable=not self.progress,
-            leave=False,
-            unit="batch",
-        )
+        if not self.progress:
+            return self._batches  # no tqdm object per product: it costs per-call time
+        return tqdm(self._batches, total=self._batches.num_batches, desc=desc, leave=False, unit="batch")
 
-    def _per_batch(self, name: str, kind: str, probe: tf.Tensor) -> Callable[..., tf.Tensor]:
+    def _per_batch(self, name: str, rows: tf.Tensor) -> Callable[..., tf.Tensor]:
+        kind = "single" if rows.shape.rank == 1 else "block"
         if name == "hvp":
             x0, y0 = self._probe_batch()
-            return self._engine.hvp_function(kind, x0, y0, probe)
+            return self._engine.hvp_function(kind, x0, y0, rows)
         return self._engine.function(name, kind)
 
-    def _summed(self, name: str, block: tf.Tensor, *, scale: float | None = None) -> tf.Tensor:
-        """(P, k) block -> (n_out, k): Σ over batches of product ``name``, times ``scale``.
-
-        One data pass whatever k; a single column uses the plain (not
-        vectorized) product, which avoids vectorized_map's overhead.
-        """
-        scale = self.scale if scale is None else scale
-        single = block.shape[1] == 1
-        args = block[:, 0] if single else tf.transpose(block)  # vectorized_map maps the leading axis
-        fn = self._per_batch(name, "single" if single else "block", args)
+    # The pass helpers take ``rows``: one vector (n,) or a block of k vectors as
+    # rows (k, n), the layout vectorized_map maps over, and return the same
+    # layout. A single vector uses the plain (not vectorized) product.
+    def _summed(self, name: str, rows: tf.Tensor) -> tf.Tensor:
+        """Σ over batches of product ``name`` (one data pass whatever k), times `scale`."""
+        fn = self._per_batch(name, rows)
         total = None
         for x, y in self._iter_batches(type(self).__name__):
-            part = fn(x, y, args)
+            part = fn(x, y, rows)
             total = part if total is None else total + part
-        total = total * tf.constant(scale, dtype=total.dtype)
-        return total[:, None] if single else tf.transpose(total)
+        return total if self.scale == 1.0 else total * tf.constant(self.scale, dtype=total.dtype)
 
-    def _stacked(self, name: str, block: tf.Tensor) -> tf.Tensor:
-        """(P, k) block -> (rows, k): per-batch products concatenated in example order."""
-        single = block.shape[1] == 1
-        args = block[:, 0] if single else tf.transpose(block)
-        fn = self._per_batch(name, "single" if single else "block", args)
-        parts = [fn(x, y, args) for x, y in self._iter_batches(type(self).__name__)]
-        return tf.concat(parts, axis=0)[:, None] if single else tf.transpose(tf.concat(parts, axis=1))
+    def _stacked(self, name: str, rows: tf.Tensor) -> tf.Tensor:
+        """Per-batch products concatenated in example order (along the last axis)."""
+        fn = self._per_batch(name, rows)
+        return tf.concat([fn(x, y, rows) for x, y in self._iter_batches(type(self).__name__)], axis=-1)
 
-    def _sliced_sum(self, name: str, block: tf.Tensor, rows_per_example: int) -> tf.Tensor:
-        """(rows, k) block -> (P, k): Σ over batches of product ``name`` on each batch's rows."""
-        single = block.shape[1] == 1
-        args = block[:, 0] if single else tf.transpose(block)
-        fn = self._per_batch(name, "single" if single else "block", args)
-        total, start = None, 0
-        for (x, y), size in zip(self._iter_batches(type(self).__name__), self._batches.batch_sizes):
-            stop = start + size * rows_per_example
-            part = fn(x, y, args[..., start:stop])
+    def _sliced_sum(self, name: str, rows: tf.Tensor, rows_per_example: int) -> tf.Tensor:
+        """Σ over batches of product ``name`` applied to each batch's slice of ``rows``."""
+        fn = self._per_batch(name, rows)
+        pieces = tf.split(rows, [size * rows_per_example for size in self._batches.batch_sizes], axis=-1)
+        total = None
+        for (x, y), piece in zip(self._iter_batches(type(self).__name__), pieces):
+            part = fn(x, y, piece)
             total = part if total is None else total + part
-            start = stop
-        return total[:, None] if single else tf.transpose(total)
+        return total
 
     def _validate_loss(self, check_deterministic: bool) -> float | None:
         """One forward pass (two when checking determinism): catches bad losses early."""
@@ -206,12 +191,13 @@ class DataPassOperator(LinearOperator):
         return np.asarray(sums)
 
     # -- tensor interface -------------------------------------------------------
-    def _tf_matmat(self, block: tf.Tensor) -> tf.Tensor:  # pragma: no cover - abstract
+    def _apply(self, rows: tf.Tensor) -> tf.Tensor:  # pragma: no cover - abstract
+        """The product on ``rows``: a vector (n,) or a block of k vectors as rows (k, n)."""
         raise NotImplementedError
 
-    def _tf_rmatmat(self, block: tf.Tensor) -> tf.Tensor:
+    def _apply_adjoint(self, rows: tf.Tensor) -> tf.Tensor:
         # Symmetric operators (H, G, GGN) are their own adjoint.
-        return self._tf_matmat(block)
+        return self._apply(rows)
 
     def _check_tf_input(self, tensor: Any, ndim: int, length: int, name: str) -> tf.Tensor:
         tensor = tf.convert_to_tensor(tensor)
@@ -224,34 +210,35 @@ class DataPassOperator(LinearOperator):
             raise ValueError(msg)
         return tf.cast(tensor, self._compute_dtype)
 
-    def _checked_output(self, out: tf.Tensor) -> tf.Tensor:
+    def _not_finite(self) -> ValueError:
+        msg = f"{type(self).__name__}: the product is not finite (NaN or inf); check the model, loss and vector."
+        return ValueError(msg)
+
+    def _tf_checked(self, out: tf.Tensor) -> tf.Tensor:
         if not bool(tf.reduce_all(tf.math.is_finite(out))):
-            msg = f"{type(self).__name__}: the product is not finite (NaN or inf); check the model, loss and vector."
-            raise ValueError(msg)
+            raise self._not_finite()
         return out
 
-    def tf_matmat(self, block: Any) -> tf.Tensor:
-        """Product with a tensor block of shape (n, k), returned as a tensor on the device.
+    def tf_matvec(self, vector: Any) -> tf.Tensor:
+        """Product with a tensor vector of shape (n,), returned as a tensor on the device.
 
         No numpy round trip: for use inside TensorFlow code.
         """
+        return self._tf_checked(self._apply(self._check_tf_input(vector, 1, self.shape[1], "vector")))
+
+    def tf_matmat(self, block: Any) -> tf.Tensor:
+        """Product with a tensor block of shape (n, k), returned as a (m, k) tensor on the device."""
         block = self._check_tf_input(block, 2, self.shape[1], "block")
-        return self._checked_output(self._tf_matmat(block))
-
-    def tf_matvec(self, vector: Any) -> tf.Tensor:
-        """Product with a tensor vector of shape (n,), returned as a tensor on the device."""
-        vector = self._check_tf_input(vector, 1, self.shape[1], "vector")
-        return self.tf_matmat(vector[:, None])[:, 0]
-
-    def tf_rmatmat(self, block: Any) -> tf.Tensor:
-        """Adjoint product with a tensor block of shape (m, k), as a tensor on the device."""
-        block = self._check_tf_input(block, 2, self.shape[0], "block")
-        return self._checked_output(self._tf_rmatmat(block))
+        return self._tf_checked(tf.transpose(self._apply(tf.transpose(block))))
 
     def tf_rmatvec(self, vector: Any) -> tf.Tensor:
         """Adjoint product with a tensor vector of shape (m,), as a tensor on the device."""
-        vector = self._check_tf_input(vector, 1, self.shape[0], "vector")
-        return self.tf_rmatmat(vector[:, None])[:, 0]
+        return self._tf_checked(self._apply_adjoint(self._check_tf_input(vector, 1, self.shape[0], "vector")))
+
+    def tf_rmatmat(self, block: Any) -> tf.Tensor:
+        """Adjoint product with a tensor block of shape (m, k), as a (n, k) tensor on the device."""
+        block = self._check_tf_input(block, 2, self.shape[0], "block")
+        return self._tf_checked(tf.transpose(self._apply_adjoint(tf.transpose(block))))
 
     # -- scipy interface --------------------------------------------------------
     def _to_numpy_input(self, array: Any, name: str) -> np.ndarray:
@@ -291,21 +278,29 @@ class DataPassOperator(LinearOperator):
     def rmatmat(self, X: Any) -> np.ndarray:  # noqa: N803
         return super().rmatmat(self._checked_block(X, self.shape[0]))
 
-    def _run(self, tf_method: Callable[[tf.Tensor], tf.Tensor], X: np.ndarray) -> np.ndarray:  # noqa: N803
-        block = tf.convert_to_tensor(np.asarray(X, dtype=self._compute_dtype.as_numpy_dtype))
-        return tf_method(block).numpy().astype(self.dtype, copy=False)
+    def _run(self, apply: Callable[[tf.Tensor], tf.Tensor], rows: np.ndarray) -> np.ndarray:
+        """numpy rows -> tensor -> product -> numpy, converting once each way."""
+        out = apply(tf.convert_to_tensor(np.asarray(rows, dtype=self._compute_dtype.as_numpy_dtype))).numpy()
+        if not np.all(np.isfinite(out)):
+            raise self._not_finite()
+        return out.astype(self.dtype, copy=False)
+
+    # Blocks travel as rows (k, n): the transposes are numpy views, not TF ops.
+    def _matvec(self, x: np.ndarray) -> np.ndarray:
+        return self._run(self._apply, np.reshape(x, -1))
 
     def _matmat(self, X: np.ndarray) -> np.ndarray:  # noqa: N803
-        return self._run(self.tf_matmat, X)
-
-    def _matvec(self, x: np.ndarray) -> np.ndarray:
-        return self._matmat(np.reshape(x, (-1, 1))).reshape(-1)
-
-    def _rmatmat(self, X: np.ndarray) -> np.ndarray:  # noqa: N803
-        return self._run(self.tf_rmatmat, X)
+        if X.shape[1] == 1:
+            return self._matvec(X[:, 0])[:, None]
+        return self._run(self._apply, X.T).T
 
     def _rmatvec(self, x: np.ndarray) -> np.ndarray:
-        return self._rmatmat(np.reshape(x, (-1, 1))).reshape(-1)
+        return self._run(self._apply_adjoint, np.reshape(x, -1))
+
+    def _rmatmat(self, X: np.ndarray) -> np.ndarray:  # noqa: N803
+        if X.shape[1] == 1:
+            return self._rmatvec(X[:, 0])[:, None]
+        return self._run(self._apply_adjoint, X.T).T
 
 
 class SymmetricDataPassOperator(DataPassOperator):

@@ -74,5 +74,5 @@ class GGNOperator(SymmetricDataPassOperator):
             check_deterministic=check_deterministic,
         )
 
-    def _tf_matmat(self, block: tf.Tensor) -> tf.Tensor:
-        return self._summed("ggn", block)
+    def _apply(self, rows: tf.Tensor) -> tf.Tensor:
+        return self._summed("ggn", rows)

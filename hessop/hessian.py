@@ -120,8 +120,8 @@ class HessianOperator(SymmetricDataPassOperator):
             hvp_mode=hvp_mode,
         )
 
-    def _tf_matmat(self, block: tf.Tensor) -> tf.Tensor:
-        return self._summed("hvp", block)
+    def _apply(self, rows: tf.Tensor) -> tf.Tensor:
+        return self._summed("hvp", rows)
 
     def to_dense(self, *, max_params: int = DEFAULT_MAX_DENSE, block_size: int = 256) -> np.ndarray:
         """The full P×P Hessian, off-diagonal blocks between variables included.

@@ -99,8 +99,9 @@ class JacobianOperator(DataPassOperator):
         prefix = "loss" if uses_loss else "outputs"
         self._forward, self._backward = f"jvp_{prefix}", f"vjp_{prefix}"
 
-    def _tf_matmat(self, block: tf.Tensor) -> tf.Tensor:
-        return self._stacked(self._forward, block)
+    def _apply(self, rows: tf.Tensor) -> tf.Tensor:
+        return self._stacked(self._forward, rows)
 
-    def _tf_rmatmat(self, block: tf.Tensor) -> tf.Tensor:
-        return self._sliced_sum(self._backward, block, self.num_outputs)
+    def _apply_adjoint(self, rows: tf.Tensor) -> tf.Tensor:
+        # J is unweighted (rows are per-example quantities), so no 1/N here.
+        return self._sliced_sum(self._backward, rows, self.num_outputs)

@@ -67,8 +67,8 @@ class OPGOperator(SymmetricDataPassOperator):
             per_example_loss=True,
         )
 
-    def _tf_matmat(self, block: tf.Tensor) -> tf.Tensor:
-        return self._summed("opg", block)
+    def _apply(self, rows: tf.Tensor) -> tf.Tensor:
+        return self._summed("opg", rows)
 
     def per_example_gradients(self) -> Iterator[np.ndarray]:
         """Yield the rows of J batch by batch, each a (B, P) array (never all of J at once)."""

@@ -168,8 +168,8 @@ def test_tf_matvec_stays_a_tensor(mlp):
 def test_construction_costs_no_product(mlp):
     calls = []
     H = operator(mlp)
-    original = H._tf_matmat
-    H._tf_matmat = lambda block: calls.append(1) or original(block)
+    original = H._apply
+    H._apply = lambda rows: calls.append(1) or original(rows)
     assert calls == []  # scipy did not probe with a matvec (dtype is explicit)
     H @ np.ones(H.shape[0])
     assert calls == [1]

@@ -1,0 +1,147 @@
+"""Matvec cost of every data-pass operator, in units of one full-data gradient.
+
+Model: MLP 784-128-64-10 (tanh), softmax cross-entropy, N = 2048, batch 512,
+float32 (P = 109,386). Baselines in the same run: a plain compiled TF gradient
+over the same batches, and hand-written reverse-over-reverse and
+forward-over-reverse HVPs. Also: per-call Python overhead of the scipy path
+(matvec through scipy vs the engine's per-batch functions called directly),
+and matvec time vs N (should be linear).
+
+    python benchmarks/bench_hvp.py [--repeats 7]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from _common import interleaved, machine_info, ms, table
+
+import numpy as np
+import tensorflow as tf
+import keras
+
+import hessop
+
+
+def mlp(seed: int = 0) -> keras.Model:
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential(
+        [
+            keras.Input((784,)),
+            keras.layers.Dense(128, activation="tanh"),
+            keras.layers.Dense(64, activation="tanh"),
+            keras.layers.Dense(10),
+        ]
+    )
+
+
+def data(num_data: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(num_data, 784)).astype("float32"), rng.integers(0, 10, size=num_data).astype("int32")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--batch-size", type=int, default=512)
+    args = parser.parse_args()
+    print(machine_info())
+
+    model = mlp()
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
+    x, y = data(2048)
+    bs = args.batch_size
+    H = hessop.HessianOperator(model, loss_fn, (x, y), batch_size=bs)
+    P = H.shape[0]
+    print(f"model: MLP 784-128-64-10 tanh, N = {len(x)}, batch {bs}, float32, P = {P:,}")
+    variables = [v.value for v in model.trainable_variables]
+    batches = [(tf.constant(x[i : i + bs]), tf.constant(y[i : i + bs])) for i in range(0, len(x), bs)]
+
+    @tf.function
+    def gradient(xb, yb):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(loss_fn(yb, model(xb, training=False)))
+        return tape.gradient(loss, variables)
+
+    @tf.function
+    def hvp_rr(xb, yb, v):
+        with tf.GradientTape() as outer:
+            with tf.GradientTape() as inner:
+                loss = tf.reduce_sum(loss_fn(yb, model(xb, training=False)))
+            g = inner.gradient(loss, variables)
+            dot = tf.add_n([tf.reduce_sum(a * b) for a, b in zip(g, v)])
+        return outer.gradient(dot, variables)
+
+    @tf.function
+    def hvp_fr(xb, yb, v):
+        with tf.autodiff.ForwardAccumulator(variables, v) as acc:
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_sum(loss_fn(yb, model(xb, training=False)))
+            g = tape.gradient(loss, variables)
+        return acc.jvp(g)
+
+    tangents = [tf.ones_like(v) for v in variables]
+    vector = np.random.default_rng(1).normal(size=P).astype("float32")
+
+    def full_gradient():
+        return [gradient(xb, yb) for xb, yb in batches][-1][0].numpy()
+
+    def full(fn):
+        return lambda: [fn(xb, yb, tangents) for xb, yb in batches][-1][0].numpy()
+
+    G = hessop.OPGOperator(model, loss_fn, (x, y), batch_size=bs)
+    GGN = hessop.GGNOperator(model, loss_fn, (x, y), batch_size=bs)
+    J = hessop.JacobianOperator(model, loss_fn, (x, y), batch_size=bs)
+    H_fwd = hessop.HessianOperator(model, loss_fn, (x, y), batch_size=bs, hvp_mode="forward")
+    H_rev = hessop.HessianOperator(model, loss_fn, (x, y), batch_size=bs, hvp_mode="reverse")
+    row_vector = np.random.default_rng(2).normal(size=len(x)).astype("float32")
+    engine_single = None
+
+    def engine_only():
+        # The per-batch compiled HVP alone, called on tensors: the floor for H.matvec.
+        nonlocal engine_single
+        v = tf.constant(vector)
+        if engine_single is None:
+            engine_single = H._per_batch("hvp", v)
+        total = None
+        for xb, yb in H._batches:
+            part = engine_single(xb, yb, v)
+            total = part if total is None else total + part
+        return total.numpy()
+
+    fns = {
+        "TF gradient (baseline)": full_gradient,
+        "hand-written HVP, reverse-over-reverse": full(hvp_rr),
+        "hand-written HVP, forward-over-reverse": full(hvp_fr),
+        "HessianOperator.matvec (auto)": lambda: H @ vector,
+        "HessianOperator.matvec (forward)": lambda: H_fwd @ vector,
+        "HessianOperator.matvec (reverse)": lambda: H_rev @ vector,
+        "engine per-batch HVPs only (no scipy)": engine_only,
+        "OPGOperator.matvec": lambda: G @ vector,
+        "GGNOperator.matvec": lambda: GGN @ vector,
+        "JacobianOperator.matvec (JVP)": lambda: J @ vector,
+        "JacobianOperator.rmatvec (VJP)": lambda: J.rmatvec(row_vector),
+    }
+    results = interleaved(fns, repeats=args.repeats)
+    base = results["TF gradient (baseline)"]["median"]
+    rows = [
+        [name, ms(r["median"]), ms(r["min"]), ms(r["first"]), round(r["median"] / base, 2)] for name, r in results.items()
+    ]
+    print(f"\nauto mode chose {H._engine._chosen_mode} (timings s: {H._engine.timings})")
+    print(table(["operation (all N = 2048, batch 512)", "median ms", "min ms", "first call ms", "÷ gradient"], rows))
+    overhead = results["HessianOperator.matvec (auto)"]["median"] / results["engine per-batch HVPs only (no scipy)"]["median"] - 1
+    print(f"\nper-call overhead of the scipy path over the bare per-batch HVPs: {overhead:+.1%}")
+
+    # Linear in N?
+    rows = []
+    for num_data in (512, 1024, 2048, 4096):
+        xs, ys = data(num_data)
+        Hn = hessop.HessianOperator(model, loss_fn, (xs, ys), batch_size=bs)
+        r = interleaved({"H": lambda Hn=Hn: Hn @ vector}, repeats=max(3, args.repeats // 2))["H"]
+        rows.append([num_data, ms(r["median"]), round(r["median"] / num_data * 1e6, 2)])
+    print("\nHessian matvec vs N (batch 512):")
+    print(table(["N", "median ms", "µs per example"], rows))
+
+
+if __name__ == "__main__":
+    main()
