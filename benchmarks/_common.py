@@ -82,6 +82,34 @@ def interleaved(fns: dict[str, Callable[[], Any]], *, repeats: int = 7, warmup: 
     }
 
 
+def grouped(fns: dict[str, Callable[[], Any]], *, repeats: int = 7, rounds: int = 2, pause: float = 0.3) -> dict[str, dict[str, float]]:
+    """Time each function's repeats back to back, alternating the order over rounds.
+
+    For multi-threaded kernels: OpenBLAS worker threads keep spinning for a
+    while after a BLAS call, so per-call interleaving makes whichever code runs
+    right after numpy compete with them. A pause before each group lets the
+    previous group's threads go idle.
+    """
+    firsts = {}
+    for name, fn in fns.items():
+        start = time.perf_counter()
+        fn()
+        firsts[name] = time.perf_counter() - start
+        fn()
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    names = list(fns)
+    for r in range(rounds):
+        for name in names if r % 2 == 0 else names[::-1]:
+            time.sleep(pause)
+            for _ in range(repeats):
+                start = time.perf_counter()
+                fns[name]()
+                samples[name].append(time.perf_counter() - start)
+    return {
+        name: {"first": firsts[name], "median": statistics.median(s), "min": min(s)} for name, s in samples.items()
+    }
+
+
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A Markdown table."""
     cells = [[str(h) for h in headers]] + [[_fmt(c) for c in row] for row in rows]

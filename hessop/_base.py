@@ -18,8 +18,9 @@ from tqdm.auto import tqdm
 from hessop._data import Batches
 from hessop._dense import DEFAULT_MAX_DENSE, dense_from_operator
 from hessop._engine import Engine
+from hessop._validation import check_finite_array
 
-__all__ = ["DataPassOperator", "SymmetricDataPassOperator", "as_numpy_dtype", "check_finite_array"]
+__all__ = ["DataPassOperator", "SymmetricDataPassOperator", "as_numpy_dtype"]
 
 REDUCTIONS = ("mean", "sum")
 
@@ -39,13 +40,6 @@ def as_numpy_dtype(dtype: Any, default: Any) -> np.dtype:
         msg = f"dtype: expected a floating dtype such as 'float32' or 'float64', got {resolved.name}."
         raise TypeError(msg)
     return resolved
-
-
-def check_finite_array(array: np.ndarray, name: str) -> None:
-    if not np.all(np.isfinite(array)):
-        bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
-        msg = f"{name}: contains {bad} non-finite value(s) (NaN or inf)."
-        raise ValueError(msg)
 
 
 class DataPassOperator(LinearOperator):

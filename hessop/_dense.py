@@ -6,6 +6,8 @@ from typing import Any
 
 import numpy as np
 
+from hessop._validation import check_positive_int
+
 __all__ = ["DEFAULT_MAX_DENSE", "dense_from_operator"]
 
 DEFAULT_MAX_DENSE = 10_000
@@ -14,9 +16,7 @@ DEFAULT_MAX_DENSE = 10_000
 def dense_from_operator(op: Any, *, max_params: int, block_size: int) -> np.ndarray:
     """Columns of ``op`` in blocks of unit vectors, guarded against P×P surprises."""
     n_rows, n_cols = op.shape
-    if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)) or block_size < 1:
-        msg = f"block_size: expected a positive int, got {block_size!r}."
-        raise ValueError(msg)
+    check_positive_int(block_size, "block_size")
     if max(n_rows, n_cols) > max_params:
         gib = n_rows * n_cols * op.dtype.itemsize / 2**30
         msg = (

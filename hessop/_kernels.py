@@ -14,9 +14,10 @@ read it as few times as possible:
 * ``quadratic_form``: xᵀAx = Σ (λ_k − τ)(Qᵀx)_k² + τ‖x‖², one pass.
 * ``diagonal``: diag(A)_i = τ + Σ_k (λ_k − τ) Q_ik², one pass.
 
-The projection Qᵀx splits the rows into one contiguous chunk per thread, each
-accumulating into its own partial result, so no atomics are needed; the
-expansion and the diagonal are independent per row.
+The projection Qᵀx splits the rows into contiguous chunks, each accumulating
+into its own partial result, so no atomics are needed; the expansion and the
+diagonal are independent per row. Vectors (m = 1) and blocks have separate
+kernels: a vector's inner loop runs over K, a block's over its m columns.
 """
 
 from __future__ import annotations
@@ -37,42 +38,93 @@ _MAX_CHUNKS = 32
 
 
 @njit(cache=True, parallel=True, fastmath={"reassoc", "contract"})
-def _project_numba(Q, X, out):  # noqa: N803
-    """out[:K, :m] = Qᵀ X and out[K, :m] = column sums of X², in float64, one pass over Q."""
+def _project_vector(Q, x, out):  # noqa: N803
+    """out[:K] += Qᵀx, out[K] += xᵀx for one vector; K contiguous so the k-loop vectorises."""
     P, K = Q.shape
-    m = X.shape[1]
     # A fixed chunk count (not the thread count, which would make the function
     # uncacheable) gives each thread several contiguous chunks.
     n_chunks = min(_MAX_CHUNKS, max(1, P // 4096))
     chunk = (P + n_chunks - 1) // n_chunks
-    partial = np.zeros((n_chunks, m, K + 1))  # K contiguous: the vector case vectorises over k
+    partial = np.zeros((n_chunks, K + 1))
     for t in prange(n_chunks):
-        acc = partial[t]
+        acc = np.zeros(K + 1)
         for i in range(t * chunk, min(P, (t + 1) * chunk)):
-            for j in range(m):
-                xij = np.float64(X[i, j])
-                acc[j, K] += xij * xij
-                row = acc[j]
-                for k in range(K):
-                    row[k] += np.float64(Q[i, k]) * xij
+            xi = np.float64(x[i])
+            acc[K] += xi * xi
+            for k in range(K):
+                acc[k] += np.float64(Q[i, k]) * xi
+        partial[t] = acc
     for t in range(n_chunks):
-        out += partial[t].T
+        out += partial[t]
 
 
 @njit(cache=True, parallel=True, fastmath={"reassoc", "contract"})
-def _expand_numba(Q, columns, X, tail, out):  # noqa: N803
-    """out = Q @ columns.T + tail * X, row by row in float64 (second pass over Q).
-
-    ``columns`` is (m, K): each output column's coefficients contiguous.
-    """
+def _project_block(Q, X, out):  # noqa: N803
+    """out[:K] += QᵀX, out[K] += column sums of X² for a (P, m) block."""
     P, K = Q.shape
     m = X.shape[1]
-    for i in prange(P):
-        for j in range(m):
-            value = tail * np.float64(X[i, j])
+    n_chunks = min(_MAX_CHUNKS, max(1, P // 4096))
+    chunk = (P + n_chunks - 1) // n_chunks
+    partial = np.zeros((n_chunks, K + 1, m))
+    for t in prange(n_chunks):
+        acc = np.zeros((K + 1, m))
+        row = np.empty(m)
+        for i in range(t * chunk, min(P, (t + 1) * chunk)):
+            for j in range(m):
+                row[j] = np.float64(X[i, j])
+                acc[K, j] += row[j] * row[j]
             for k in range(K):
-                value += np.float64(Q[i, k]) * columns[j, k]
-            out[i, j] = value
+                qik = np.float64(Q[i, k])
+                for j in range(m):
+                    acc[k, j] += qik * row[j]
+        partial[t] = acc
+    for t in range(n_chunks):
+        out += partial[t]
+
+
+@njit(cache=True, parallel=True, fastmath={"reassoc", "contract"})
+def _expand_vector(Q, c, x, tail, out):  # noqa: N803
+    """out = Q c + tail x for one vector: a float64 dot product per row."""
+    P, K = Q.shape
+    for i in prange(P):
+        value = tail * np.float64(x[i])
+        for k in range(K):
+            value += np.float64(Q[i, k]) * c[k]
+        out[i] = value
+
+
+@njit(cache=True, parallel=True, fastmath={"reassoc", "contract"})
+def _expand_block(Q, C, X, tail, out):  # noqa: N803
+    """out = Q C + tail X for a (P, m) block, a float64 row accumulator per row."""
+    P, K = Q.shape
+    m = X.shape[1]
+    n_chunks = max(1, P // 512)
+    chunk = (P + n_chunks - 1) // n_chunks
+    for t in prange(n_chunks):
+        row = np.empty(m)
+        for i in range(t * chunk, min(P, (t + 1) * chunk)):
+            for j in range(m):
+                row[j] = tail * np.float64(X[i, j])
+            for k in range(K):
+                qik = np.float64(Q[i, k])
+                for j in range(m):
+                    row[j] += qik * C[k, j]
+            for j in range(m):
+                out[i, j] = row[j]
+
+
+def _project_numba(Q, X, out):  # noqa: N803
+    if X.shape[1] == 1:
+        _project_vector(Q, X[:, 0], out[:, 0])
+    else:
+        _project_block(Q, X, out)
+
+
+def _expand_numba(Q, C, X, tail, out):  # noqa: N803
+    if X.shape[1] == 1:
+        _expand_vector(Q, np.ascontiguousarray(C[:, 0]), X[:, 0], tail, out[:, 0])
+    else:
+        _expand_block(Q, C, X, tail, out)
 
 
 @njit(cache=True, parallel=True, fastmath={"reassoc", "contract"})
@@ -93,8 +145,8 @@ def _project_numpy(Q, X, out):  # noqa: N803
     out[-1] += np.einsum("ij,ij->j", X64, X64)
 
 
-def _expand_numpy(Q, columns, X, tail, out):  # noqa: N803
-    out[...] = Q.astype(np.float64, copy=False) @ columns.T + tail * X.astype(np.float64, copy=False)
+def _expand_numpy(Q, C, X, tail, out):  # noqa: N803
+    out[...] = Q.astype(np.float64, copy=False) @ C + tail * X.astype(np.float64, copy=False)
 
 
 def _diagonal_numpy(Q, shifted, tail, out):  # noqa: N803
@@ -119,9 +171,9 @@ def project(engine: str, Q: np.ndarray, X: np.ndarray) -> tuple[np.ndarray, np.n
 def apply(engine: str, Q: np.ndarray, shifted: np.ndarray, tail: float, X: np.ndarray) -> np.ndarray:  # noqa: N803
     """A X for A = Q diag(shifted + tail) Qᵀ + tail (I − QQᵀ); X is (P, m)."""
     coefficients, _ = project(engine, Q, X)
-    columns = np.ascontiguousarray((coefficients * shifted[:, None]).T)
+    coefficients *= shifted[:, None]
     out = np.empty(X.shape, dtype=Q.dtype)
-    KERNELS[engine]["expand"](Q, columns, X, float(tail), out)
+    KERNELS[engine]["expand"](Q, coefficients, X, float(tail), out)
     return out
 
 

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from hessop._dense import DEFAULT_MAX_DENSE
+from hessop._validation import check_positive_int
 
 __all__ = ["trace", "diagonal", "row_sums", "spectral_density", "SpectralDensity"]
 
@@ -25,13 +26,6 @@ def _square_size(op: Any) -> int:
         msg = f"op: expected a square LinearOperator, got shape {shape}."
         raise ValueError(msg)
     return int(shape[0])
-
-
-def _positive_int(value: Any, name: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        msg = f"{name}: expected an int >= {minimum}, got {value!r}."
-        raise ValueError(msg)
-    return int(value)
 
 
 def _rademacher(rng: np.random.Generator, size: int, count: int, dtype: Any) -> np.ndarray:
@@ -83,8 +77,8 @@ def trace(
         msg = f"method: expected one of {TRACE_METHODS}, got {method!r}."
         raise ValueError(msg)
     size = _square_size(op)
-    num_matvecs = _positive_int(num_matvecs, "num_matvecs", 3 if method == "hutch++" else 1)
-    block_size = _positive_int(block_size, "block_size")
+    num_matvecs = check_positive_int(num_matvecs, "num_matvecs", 3 if method == "hutch++" else 1)
+    block_size = check_positive_int(block_size, "block_size")
     rng = np.random.default_rng(seed)
     dtype = np.float64
     if method == "hutchinson":
@@ -139,7 +133,7 @@ def diagonal(
         msg = f"method: expected one of {DIAGONAL_METHODS}, got {method!r}."
         raise ValueError(msg)
     size = _square_size(op)
-    block_size = _positive_int(block_size, "block_size")
+    block_size = check_positive_int(block_size, "block_size")
     if method == "exact":
         if size > max_params:
             msg = (
@@ -154,7 +148,7 @@ def diagonal(
             unit[np.arange(start, stop), np.arange(stop - start)] = 1
             out[start:stop] = op.matmat(unit)[np.arange(start, stop), np.arange(stop - start)]
         return out
-    num_matvecs = _positive_int(num_matvecs, "num_matvecs")
+    num_matvecs = check_positive_int(num_matvecs, "num_matvecs")
     probes = _rademacher(np.random.default_rng(seed), size, num_matvecs, np.float64)
     return np.mean(probes * _block_apply(op, probes, block_size), axis=1)
 
@@ -253,9 +247,9 @@ def spectral_density(
     0.5
     """
     size = _square_size(op)
-    num_lanczos = min(_positive_int(num_lanczos, "num_lanczos"), size)
-    num_probes = _positive_int(num_probes, "num_probes")
-    num_points = _positive_int(num_points, "num_points", 2)
+    num_lanczos = min(check_positive_int(num_lanczos, "num_lanczos"), size)
+    num_probes = check_positive_int(num_probes, "num_probes")
+    num_points = check_positive_int(num_points, "num_points", 2)
     rng = np.random.default_rng(seed)
     start = _rademacher(rng, size, num_probes, np.float64) / np.sqrt(size)
     nodes, weights = _block_lanczos_quadrature(op, start, num_lanczos)

@@ -10,7 +10,7 @@ import numpy as np
 from scipy.sparse.linalg import LinearOperator
 
 from hessop import _kernels
-from hessop._base import check_finite_array
+from hessop._validation import check_finite_array
 from hessop._dense import DEFAULT_MAX_DENSE, dense_from_operator
 
 __all__ = ["LowRankOperator", "FullRankOperator", "load"]

@@ -1,0 +1,61 @@
+"""Block products: one data pass for k vectors vs k separate matvecs.
+
+Same MLP as bench_hvp.py (784-128-64-10 tanh, N = 2048, batch 512, float32).
+For H, G and GGN: ``A @ V`` with V of shape (P, k) against k calls of
+``A @ v``, interleaved in one process. The target for k = 10 is a ratio of at
+most 0.6.
+
+    python benchmarks/bench_block.py [--repeats 5] [--k 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from _common import interleaved, machine_info, ms, table
+from bench_hvp import data, mlp
+
+import keras
+import numpy as np
+
+import hessop
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--k", type=int, nargs="+", default=[4, 10, 20])
+    args = parser.parse_args()
+    print(machine_info())
+    model = mlp()
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
+    x, y = data(2048)
+    operators = {
+        "Hessian": hessop.HessianOperator(model, loss_fn, (x, y), batch_size=512),
+        "OPG": hessop.OPGOperator(model, loss_fn, (x, y), batch_size=512),
+        "GGN": hessop.GGNOperator(model, loss_fn, (x, y), batch_size=512),
+    }
+    P = operators["Hessian"].shape[0]
+    print(f"model: MLP 784-128-64-10 tanh, N = 2048, batch 512, float32, P = {P:,}")
+    rows = []
+    for k in args.k:
+        block = np.random.default_rng(k).normal(size=(P, k)).astype("float32")
+        for name, op in operators.items():
+            result = interleaved(
+                {
+                    "block": lambda op=op: op @ block,
+                    "columns": lambda op=op: [op @ block[:, j] for j in range(k)],
+                },
+                repeats=args.repeats,
+            )
+            ratio = result["block"]["median"] / result["columns"]["median"]
+            rows.append(
+                [name, k, ms(result["block"]["median"]), ms(result["columns"]["median"]), round(ratio, 2), ms(result["block"]["first"])]
+            )
+    chosen = operators["Hessian"]._engine._chosen_mode
+    print(f"\nHessian HVP mode chosen by timing: {chosen}")
+    print(table(["operator", "k", "A @ V median ms", "k × (A @ v) median ms", "block ÷ columns", "first block call ms (trace)"], rows))
+
+
+if __name__ == "__main__":
+    main()

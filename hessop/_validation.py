@@ -1,0 +1,26 @@
+"""Argument checks shared across modules (numpy only: no TensorFlow import)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+__all__ = ["check_finite_array", "check_positive_int"]
+
+
+def check_finite_array(array: Any, name: str) -> None:
+    """Raise ValueError naming ``name`` when ``array`` holds NaN or inf."""
+    array = np.asarray(array)
+    if not np.all(np.isfinite(array)):
+        bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+        msg = f"{name}: contains {bad} non-finite value(s) (NaN or inf)."
+        raise ValueError(msg)
+
+
+def check_positive_int(value: Any, name: str, minimum: int = 1) -> int:
+    """An int >= ``minimum`` (bools refused), or ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        msg = f"{name}: expected an int >= {minimum}, got {value!r}."
+        raise ValueError(msg)
+    return int(value)
