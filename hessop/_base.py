@@ -7,12 +7,14 @@ non-finite results. Subclasses supply one per-batch function.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import tensorflow as tf
 from scipy.sparse.linalg import LinearOperator
+from threadpoolctl import ThreadpoolController
 from tqdm.auto import tqdm
 
 from hessop._data import Batches
@@ -40,6 +42,12 @@ def as_numpy_dtype(dtype: Any, default: Any) -> np.dtype:
         msg = f"dtype: expected a floating dtype such as 'float32' or 'float64', got {resolved.name}."
         raise TypeError(msg)
     return resolved
+
+
+@functools.cache
+def _blas_controller() -> ThreadpoolController:
+    # Created on first use, after numpy/scipy have loaded their BLAS libraries.
+    return ThreadpoolController()
 
 
 class DataPassOperator(LinearOperator):
@@ -118,7 +126,8 @@ class DataPassOperator(LinearOperator):
         kind = "single" if rows.shape.rank == 1 else "block"
         if name == "hvp":
             x0, y0 = self._probe_batch()
-            return self._engine.hvp_function(kind, x0, y0, rows)
+            # Timing the modes on a few rows keeps "auto" cheap for wide blocks.
+            return self._engine.hvp_function(kind, x0, y0, rows if kind == "single" else rows[:4])
         return self._engine.function(name, kind)
 
     # The pass helpers take ``rows``: one vector (n,) or a block of k vectors as
@@ -273,8 +282,16 @@ class DataPassOperator(LinearOperator):
         return super().rmatmat(self._checked_block(X, self.shape[0]))
 
     def _run(self, apply: Callable[[tf.Tensor], tf.Tensor], rows: np.ndarray) -> np.ndarray:
-        """numpy rows -> tensor -> product -> numpy, converting once each way."""
-        out = apply(tf.convert_to_tensor(np.asarray(rows, dtype=self._compute_dtype.as_numpy_dtype))).numpy()
+        """numpy rows -> tensor -> product -> numpy, converting once each way.
+
+        BLAS is held to one thread meanwhile: inside a solver (eigsh, cg) its
+        worker threads keep spinning after the solver's vector operations and
+        compete with TensorFlow's threads (measured: a matvec 45% slower inside
+        eigsh than alone on 2 cores; see benchmarks/bench_eigsh.py).
+        """
+        rows = tf.convert_to_tensor(np.asarray(rows, dtype=self._compute_dtype.as_numpy_dtype))
+        with _blas_controller().limit(limits=1, user_api="blas"):
+            out = apply(rows).numpy()
         if not np.all(np.isfinite(out)):
             raise self._not_finite()
         return out.astype(self.dtype, copy=False)
@@ -306,7 +323,7 @@ class SymmetricDataPassOperator(DataPassOperator):
     def _transpose(self) -> SymmetricDataPassOperator:
         return self
 
-    def to_dense(self, *, max_params: int = DEFAULT_MAX_DENSE, block_size: int = 256) -> np.ndarray:
+    def to_dense(self, *, max_params: int = DEFAULT_MAX_DENSE, block_size: int = 128) -> np.ndarray:
         """The full P×P matrix from blocks of unit vectors; refuses P above ``max_params``.
 
         Parameters

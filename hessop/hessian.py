@@ -123,7 +123,7 @@ class HessianOperator(SymmetricDataPassOperator):
     def _apply(self, rows: tf.Tensor) -> tf.Tensor:
         return self._summed("hvp", rows)
 
-    def to_dense(self, *, max_params: int = DEFAULT_MAX_DENSE, block_size: int = 256) -> np.ndarray:
+    def to_dense(self, *, max_params: int = DEFAULT_MAX_DENSE, block_size: int = 128) -> np.ndarray:
         """The full P×P Hessian, off-diagonal blocks between variables included.
 
         Built from batched HVPs, ``block_size`` columns per pass over the data

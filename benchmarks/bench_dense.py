@@ -1,0 +1,146 @@
+"""Dense Hessian of a P ≈ 5,000 model: hessop's to_dense vs the usual TF routes.
+
+Model: MLP 64-64-10 (tanh) on 8×8 digits-sized inputs, softmax cross-entropy,
+N = 512, float32, P = 4,810. Methods, each in its own subprocess so that its
+peak memory (max RSS) is its own:
+
+* ``hessop``: ``HessianOperator.to_dense`` (batched HVPs, 128 columns per pass);
+* ``jacobian``: ``GradientTape.jacobian`` of the full-data gradient (pfor over all P);
+* ``per_column``: the seed paper's route, one HVP per column (P calls);
+* ``tf_hessians``: ``tf.hessians``-style per-variable blocks only (incomplete, for scale).
+
+    python benchmarks/bench_dense.py [--num-data 512] [--memory-limit-gb 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+from _common import machine_info, table
+
+
+def build(num_data: int):
+    import keras
+    import numpy as np
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [keras.Input((64,)), keras.layers.Dense(64, activation="tanh"), keras.layers.Dense(10)]
+    )
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(num_data, 64)).astype("float32")
+    y = rng.integers(0, 10, size=num_data).astype("int32")
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
+    return model, loss_fn, x, y
+
+
+def run_method(method: str, num_data: int) -> dict:
+    import numpy as np
+    import tensorflow as tf
+
+    import hessop
+
+    model, loss_fn, x, y = build(num_data)
+    variables = [v.value for v in model.trainable_variables]
+    P = sum(int(np.prod(v.shape)) for v in variables)
+
+    def mean_loss():
+        return tf.reduce_mean(loss_fn(y, model(x, training=False)))
+
+    start = time.perf_counter()
+    if method == "hessop":
+        H = hessop.HessianOperator(model, loss_fn, (x, y))
+        dense = H.to_dense()
+    elif method == "jacobian":
+
+        @tf.function
+        def hessian():
+            with tf.GradientTape() as outer:
+                with tf.GradientTape() as inner:
+                    loss = mean_loss()
+                grad = tf.concat([tf.reshape(g, [-1]) for g in inner.gradient(loss, variables)], 0)
+            blocks = outer.jacobian(grad, variables)
+            return tf.concat([tf.reshape(b, (P, -1)) for b in blocks], axis=1)
+
+        dense = hessian().numpy()
+    elif method == "per_column":
+
+        @tf.function
+        def hvp(v):
+            with tf.GradientTape() as outer:
+                with tf.GradientTape() as inner:
+                    loss = mean_loss()
+                grads = inner.gradient(loss, variables)
+                flat = tf.concat([tf.reshape(g, [-1]) for g in grads], 0)
+                dot = tf.reduce_sum(flat * v)
+            return tf.concat([tf.reshape(g, [-1]) for g in outer.gradient(dot, variables)], 0)
+
+        eye = np.eye(P, dtype=np.float32)
+        dense = np.stack([hvp(tf.constant(eye[i])).numpy() for i in range(P)], axis=1)
+    elif method == "tf_hessians":
+
+        @tf.function
+        def blocks():
+            out = []
+            for v in variables:
+                with tf.GradientTape() as outer:
+                    with tf.GradientTape() as inner:
+                        loss = mean_loss()
+                    g = inner.gradient(loss, v)
+                out.append(outer.jacobian(g, v))
+            return out
+
+        dense = [b.numpy() for b in blocks()]
+    else:
+        raise ValueError(method)
+    elapsed = time.perf_counter() - start
+    checksum = float(np.sum(dense[0] if isinstance(dense, list) else dense[:, :10]))
+    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return {"method": method, "seconds": elapsed, "peak_gb": peak_gb, "P": P, "checksum": checksum}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--num-data", type=int, default=512)
+    parser.add_argument("--memory-limit-gb", type=float, default=16.0)
+    parser.add_argument("--methods", nargs="+", default=["hessop", "jacobian", "per_column", "tf_hessians"])
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        limit = int(args.memory_limit_gb * 2**30)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+        print(json.dumps(run_method(args.child, args.num_data)))
+        return
+    print(machine_info())
+    rows = []
+    results = {}
+    for method in args.methods:
+        proc = subprocess.run(
+            [sys.executable, __file__, "--child", method, "--num-data", str(args.num_data), "--memory-limit-gb", str(args.memory_limit_gb)],
+            capture_output=True,
+            text=True,
+            timeout=1800,
+        )
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+        if proc.returncode != 0 or not lines:
+            reason = "out of memory" if "memory" in proc.stderr.lower() or proc.returncode < 0 else f"failed ({proc.returncode})"
+            rows.append([method, reason, f"> {args.memory_limit_gb:g}" if reason == "out of memory" else "-", "-", "-"])
+            continue
+        results[method] = json.loads(lines[-1])
+    base = results.get("hessop", {}).get("seconds")
+    P = next(iter(results.values()))["P"] if results else "?"
+    print(f"model: MLP 64-64-10 tanh, N = {args.num_data}, float32, P = {P:,}" if results else "")
+    for method, r in results.items():
+        agree = "-" if method == "tf_hessians" else ("yes" if abs(r["checksum"] - results["hessop"]["checksum"]) < 1e-3 * max(1.0, abs(results["hessop"]["checksum"])) else "NO")
+        rows.append([method, round(r["seconds"], 2), round(r["peak_gb"], 2), round(r["seconds"] / base, 2) if base else "-", agree])
+    print(table(["method", "seconds (incl. tracing)", "peak RSS GiB", "÷ hessop", "agrees with hessop"], rows))
+    print("(tf_hessians computes only the per-variable diagonal blocks: it is not the full Hessian.)")
+
+
+if __name__ == "__main__":
+    main()
