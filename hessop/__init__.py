@@ -37,6 +37,15 @@ _EXPORTS = {
     "spectral_density": "hessop.estimators",
     "SpectralDensity": "hessop.estimators",
     "plot_spectrum": "hessop.plot",
+    # statistics
+    "covariance": "hessop.stats",
+    "standard_errors": "hessop.stats",
+    "summary": "hessop.stats",
+    "predictive_variance": "hessop.stats",
+    "influence": "hessop.stats",
+    "CovarianceOperator": "hessop.stats",
+    "NotPositiveDefiniteError": "hessop.stats",
+    "Laplace": "hessop.laplace",
     # parameter layout
     "flatten": "hessop._params",
     "unflatten": "hessop._params",
@@ -53,7 +62,17 @@ if TYPE_CHECKING:  # pragma: no cover
     from hessop.jacobian import JacobianOperator
     from hessop.lowrank import FullRankOperator, LowRankOperator, load
     from hessop.opg import OPGOperator, per_example_gradients
+    from hessop.laplace import Laplace
     from hessop.plot import plot_spectrum
+    from hessop.stats import (
+        CovarianceOperator,
+        NotPositiveDefiniteError,
+        covariance,
+        influence,
+        predictive_variance,
+        standard_errors,
+        summary,
+    )
 
 
 def __getattr__(name: str) -> Any:
