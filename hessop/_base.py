@@ -18,6 +18,7 @@ from threadpoolctl import ThreadpoolController
 from tqdm.auto import tqdm
 
 from hessop._data import Batches
+from hessop._distribute import Replicas, resolve_strategy
 from hessop._dense import DEFAULT_MAX_DENSE, dense_from_operator
 from hessop._engine import Engine
 from hessop._validation import check_finite_array
@@ -73,11 +74,18 @@ class DataPassOperator(LinearOperator):
         hvp_mode: str = "auto",
         shape: tuple[int, int] | None = None,
         per_example_loss: bool = False,
+        strategy: Any = None,
     ) -> None:
         if reduction not in REDUCTIONS:
             msg = f"reduction: expected one of {REDUCTIONS}, got {reduction!r}."
             raise ValueError(msg)
         self._engine = Engine(model, loss_fn, params, hvp_mode=hvp_mode)
+        self.strategy = resolve_strategy(strategy, self._engine.variables)
+        replicas = Replicas(self.strategy)
+        self._replicas = replicas if replicas.count > 1 else None
+        if self._replicas is not None and hvp_mode == "auto":
+            # Timing modes would run outside the replicas; reverse mode always works there.
+            self._engine.hvp_mode = "reverse"
         self._batches = Batches(data, batch_size)
         self.num_data: int = self._batches.num_data
         self.num_params: int = self._engine.num_params
@@ -103,11 +111,14 @@ class DataPassOperator(LinearOperator):
         return 1.0 / self.num_data if self.reduction == "mean" else 1.0
 
     def __repr__(self) -> str:
-        device = self._engine.variables[0].device or "default device"
+        if self._replicas is not None:
+            where = f"strategy={self._replicas}"
+        else:
+            where = f"device={self._engine.variables[0].device or 'default device'}"
         return (
             f"<{type(self).__name__} shape={self.shape} dtype={self.dtype} "
             f"num_data={self.num_data} batches={self._batches.num_batches} "
-            f"reduction={self.reduction!r} device={device}>"
+            f"reduction={self.reduction!r} {where}>"
         )
 
     # -- data passes ------------------------------------------------------------
@@ -133,24 +144,35 @@ class DataPassOperator(LinearOperator):
     # The pass helpers take ``rows``: one vector (n,) or a block of k vectors as
     # rows (k, n), the layout vectorized_map maps over, and return the same
     # layout. A single vector uses the plain (not vectorized) product.
+    def _sized_batches(self) -> Any:
+        return ((x, y, size) for (x, y), size in zip(self._iter_batches(type(self).__name__), self._batches.batch_sizes))
+
     def _summed(self, name: str, rows: tf.Tensor) -> tf.Tensor:
         """Σ over batches of product ``name`` (one data pass whatever k), times `scale`."""
         fn = self._per_batch(name, rows)
-        total = None
-        for x, y in self._iter_batches(type(self).__name__):
-            part = fn(x, y, rows)
-            total = part if total is None else total + part
+        if self._replicas is not None:
+            total = self._replicas.summed(fn, self._sized_batches(), rows)
+        else:
+            total = None
+            for x, y in self._iter_batches(type(self).__name__):
+                part = fn(x, y, rows)
+                total = part if total is None else total + part
         return total if self.scale == 1.0 else total * tf.constant(self.scale, dtype=total.dtype)
 
     def _stacked(self, name: str, rows: tf.Tensor) -> tf.Tensor:
         """Per-batch products concatenated in example order (along the last axis)."""
         fn = self._per_batch(name, rows)
+        if self._replicas is not None:
+            return self._replicas.stacked(fn, self._sized_batches(), rows)
         return tf.concat([fn(x, y, rows) for x, y in self._iter_batches(type(self).__name__)], axis=-1)
 
     def _sliced_sum(self, name: str, rows: tf.Tensor, rows_per_example: int) -> tf.Tensor:
         """Σ over batches of product ``name`` applied to each batch's slice of ``rows``."""
         fn = self._per_batch(name, rows)
         pieces = tf.split(rows, [size * rows_per_example for size in self._batches.batch_sizes], axis=-1)
+        if self._replicas is not None:
+            batches = ((x, y, size, piece) for (x, y, size), piece in zip(self._sized_batches(), pieces))
+            return self._replicas.sliced_sum(fn, batches, rows_per_example, self.shape[1])
         total = None
         for (x, y), piece in zip(self._iter_batches(type(self).__name__), pieces):
             part = fn(x, y, piece)

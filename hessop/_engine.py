@@ -58,6 +58,21 @@ def _model_caller(model: Any) -> Callable[[Any], Any]:
     return model
 
 
+def _refuse_mixed_precision(model: Any) -> None:
+    """float16/bfloat16 compute would make second derivatives meaningless: refuse clearly."""
+    if keras is None or not isinstance(model, keras.layers.Layer):
+        return
+    policies = [model.dtype_policy] + [layer.dtype_policy for layer in getattr(model, "layers", [])]
+    low = sorted({p.compute_dtype for p in policies if p.compute_dtype in ("float16", "bfloat16")})
+    if low:
+        msg = (
+            f"model: mixed-precision compute ({', '.join(low)}) is not supported: curvature products "
+            "in half precision lose most of their digits. Rebuild the model (or a copy with the same "
+            "weights) with a float32 or float64 dtype policy."
+        )
+        raise ValueError(msg)
+
+
 def _dense(gradients: Sequence[Any]) -> list[tf.Tensor]:
     """Embedding gradients arrive as IndexedSlices; products need dense tensors."""
     return [tf.convert_to_tensor(g) for g in gradients]
@@ -99,6 +114,7 @@ class Engine:
         if loss_fn is not None and not callable(loss_fn):
             msg = f"loss_fn: expected a callable loss_fn(y_true, y_pred), got {type(loss_fn).__name__}."
             raise TypeError(msg)
+        _refuse_mixed_precision(model)
         self.model = model
         self.loss_fn = loss_fn
         self._call_model = _model_caller(model)

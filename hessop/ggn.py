@@ -58,6 +58,7 @@ class GGNOperator(SymmetricDataPassOperator):
         dtype: Any = None,
         progress: bool = False,
         check_deterministic: bool = True,
+        strategy: Any = None,
     ) -> None:
         if loss_fn is None:
             msg = "loss_fn: GGNOperator needs a loss function, got None."
@@ -72,6 +73,7 @@ class GGNOperator(SymmetricDataPassOperator):
             dtype=dtype,
             progress=progress,
             check_deterministic=check_deterministic,
+            strategy=strategy,
         )
 
     def _apply(self, rows: tf.Tensor) -> tf.Tensor:

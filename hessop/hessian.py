@@ -103,6 +103,7 @@ class HessianOperator(SymmetricDataPassOperator):
         progress: bool = False,
         check_deterministic: bool = True,
         hvp_mode: str = "auto",
+        strategy: Any = None,
     ) -> None:
         if loss_fn is None:
             msg = "loss_fn: HessianOperator needs a loss function, got None."
@@ -118,6 +119,7 @@ class HessianOperator(SymmetricDataPassOperator):
             progress=progress,
             check_deterministic=check_deterministic,
             hvp_mode=hvp_mode,
+            strategy=strategy,
         )
 
     def _apply(self, rows: tf.Tensor) -> tf.Tensor:

@@ -68,6 +68,7 @@ class JacobianOperator(DataPassOperator):
         dtype: Any = None,
         progress: bool = False,
         check_deterministic: bool = True,
+        strategy: Any = None,
     ) -> None:
         if target not in TARGETS:
             msg = f"target: expected one of {TARGETS}, got {target!r}."
@@ -89,6 +90,7 @@ class JacobianOperator(DataPassOperator):
             check_deterministic=check_deterministic and uses_loss,
             per_example_loss=True,
             shape=(0, 0),  # set below, once the output width is known
+            strategy=strategy,
         )
         if uses_loss:
             self.num_outputs = 1

@@ -50,6 +50,7 @@ class OPGOperator(SymmetricDataPassOperator):
         dtype: Any = None,
         progress: bool = False,
         check_deterministic: bool = True,
+        strategy: Any = None,
     ) -> None:
         if loss_fn is None:
             msg = "loss_fn: OPGOperator needs a per-example loss function, got None."
@@ -65,6 +66,7 @@ class OPGOperator(SymmetricDataPassOperator):
             progress=progress,
             check_deterministic=check_deterministic,
             per_example_loss=True,
+            strategy=strategy,
         )
 
     def _apply(self, rows: tf.Tensor) -> tf.Tensor:

@@ -18,6 +18,15 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+# Two logical CPU devices, for MirroredStrategy tests; must precede any TF op.
+try:
+    tf.config.set_logical_device_configuration(
+        tf.config.list_physical_devices("CPU")[0],
+        [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()],
+    )
+except RuntimeError:  # already initialised (e.g. a plugin ran TF first): distribute tests skip
+    pass
+
 F64 = "float64"
 
 
