@@ -1,7 +1,8 @@
 """Command line: ``python -m hessop demo``.
 
 Trains a small Keras MLP on scikit-learn's bundled digits data (no download)
-and prints the top Hessian eigenvalues of its training loss from `eigsh`.
+and reports the curvature of its training loss: the top Hessian eigenvalues
+from ``eigsh``, a trace estimate, the spectral density, and a picture of it.
 """
 
 from __future__ import annotations
@@ -26,11 +27,19 @@ def _positive_int(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m hessop", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="train a digits MLP and print its top Hessian eigenvalues")
+    demo = sub.add_parser(
+        "demo",
+        help="train a digits MLP and report its Hessian's spectrum",
+        description="Train a Keras MLP on scikit-learn's digits and report its Hessian: top eigenvalues, "
+        "trace, spectral density and a spectrum picture.",
+    )
     demo.add_argument("--hidden", type=_positive_int, default=32, help="hidden units of the MLP (default 32)")
     demo.add_argument("--epochs", type=_positive_int, default=30, help="training epochs (default 30)")
     demo.add_argument("--k", type=_positive_int, default=5, help="number of top eigenvalues (default 5)")
     demo.add_argument("--batch-size", type=_positive_int, default=512, help="mini-batch size of the Hessian passes (default 512)")
+    demo.add_argument("--trace-matvecs", type=_positive_int, default=60, help="Hutch++ products for the trace (default 60)")
+    demo.add_argument("--lanczos", type=_positive_int, default=30, help="Lanczos steps for the spectral density (default 30)")
+    demo.add_argument("--output", default="hessop-demo-spectrum.png", help="spectrum picture (default hessop-demo-spectrum.png)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     return parser
 
@@ -62,14 +71,15 @@ def run_demo(args: argparse.Namespace) -> int:
     model.fit(x, y, epochs=args.epochs, batch_size=128, verbose=0)
     print(f"trained {args.epochs} epochs in {time.perf_counter() - start:.1f} s")
 
-    H = hessop.HessianOperator(model, loss_fn, (x, y), batch_size=args.batch_size)
+    H = hessop.HessianOperator(model, loss_fn, (x, y), batch_size=args.batch_size, progress=True)
+    P = H.shape[0]
     print(f"training loss (mean cross-entropy): {H.loss:.4f}")
-    print(f"Hessian: P = {H.shape[0]:,} parameters, {H.num_data} examples, {len(H._batches.batch_sizes)} batches")
-    if args.k >= H.shape[0]:
-        print(f"error: --k {args.k} must be smaller than P = {H.shape[0]}", file=sys.stderr)
+    print(f"Hessian: P = {P:,} parameters, {H.num_data} examples, {H._batches.num_batches} batches of <= {args.batch_size}")
+    if args.k >= P:
+        print(f"error: --k {args.k} must be smaller than P = {P}", file=sys.stderr)
         return 2
 
-    with tqdm(desc="eigsh (Hessian matvecs)", unit="matvec") as bar:
+    with tqdm(desc="eigsh (Hessian matvecs)", unit="matvec", delay=1.0) as bar:
 
         def counted_matvec(v: np.ndarray) -> np.ndarray:
             bar.update(1)
@@ -77,12 +87,32 @@ def run_demo(args: argparse.Namespace) -> int:
 
         counted = sla.LinearOperator(H.shape, matvec=counted_matvec, dtype=H.dtype)
         start = time.perf_counter()
-        eigenvalues = sla.eigsh(counted, k=args.k, which="LA", tol=1e-4, return_eigenvectors=False)
+        v0 = np.random.default_rng(args.seed).standard_normal(P).astype(H.dtype)
+        eigenvalues = sla.eigsh(counted, k=args.k, which="LA", tol=1e-4, v0=v0, return_eigenvectors=False)
         elapsed = time.perf_counter() - start
     eigenvalues = np.sort(eigenvalues)[::-1]
-    print(f"top-{args.k} Hessian eigenvalues ({elapsed:.1f} s):")
+    print(f"top-{args.k} Hessian eigenvalues ({elapsed:.1f} s, {bar.n} matvecs):")
     for i, value in enumerate(eigenvalues, 1):
         print(f"  eigenvalue {i}: {value:.6g}")
+
+    start = time.perf_counter()
+    trace = hessop.trace(H, method="hutch++", num_matvecs=args.trace_matvecs, seed=args.seed)
+    print(f"trace estimate (Hutch++, {args.trace_matvecs} matvecs, {time.perf_counter() - start:.1f} s): {trace:.5g}")
+
+    start = time.perf_counter()
+    density = hessop.spectral_density(H, num_lanczos=min(args.lanczos, P), num_probes=6, seed=args.seed)
+    print(f"{density} ({time.perf_counter() - start:.1f} s)")
+
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+    except ImportError:
+        print('no picture: matplotlib is not installed (pip install "hessop[plot]")')
+        return 0
+    ax = hessop.plot_spectrum(density, eigenvalues, title=f"Hessian spectrum, digits MLP (P = {P:,})")
+    ax.figure.savefig(args.output, dpi=120, bbox_inches="tight")
+    print(f"spectrum picture written to {args.output}")
     return 0
 
 

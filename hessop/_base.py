@@ -121,6 +121,36 @@ class DataPassOperator(LinearOperator):
             f"reduction={self.reduction!r} {where}>"
         )
 
+    def loss_and_gradient(self) -> tuple[float, np.ndarray]:
+        """Loss and its gradient (flat, numpy) at the parameters' *current* values.
+
+        One pass over the data, weighted like the operator (mean or sum). The
+        operators read the variables at every product, so after updating them
+        (e.g. a Newton step) the same operator gives the new curvature.
+
+        Examples
+        --------
+        >>> import numpy as np, tensorflow as tf, hessop
+        >>> w = tf.Variable([1.0, 2.0], dtype=tf.float64)
+        >>> x, y = np.eye(2), np.zeros(2)
+        >>> H = hessop.HessianOperator(lambda x: tf.linalg.matvec(x, w), lambda y, f: 0.5 * (f - y) ** 2,
+        ...                            (x, y), params=[w])
+        >>> loss, grad = H.loss_and_gradient()
+        >>> float(loss), grad
+        (1.25, array([0.5, 1. ]))
+        """
+        total_loss, total_grad = 0.0, None
+        for x, y in self._iter_batches("gradient"):
+            loss, grad = self._engine.loss_and_gradient(x, y)
+            total_loss += float(loss)
+            total_grad = grad if total_grad is None else total_grad + grad
+        grad = total_grad.numpy().astype(np.float64) * self.scale
+        value = total_loss * self.scale
+        if not np.isfinite(value) or not np.all(np.isfinite(grad)):
+            msg = f"loss_fn: the loss or its gradient is not finite (loss {value})."
+            raise ValueError(msg)
+        return value, grad
+
     # -- data passes ------------------------------------------------------------
     def _probe_batch(self) -> tuple[Any, Any]:
         """The first batch, kept for timing HVP modes (one batch of memory)."""
@@ -131,7 +161,8 @@ class DataPassOperator(LinearOperator):
     def _iter_batches(self, desc: str) -> Any:
         if not self.progress:
             return self._batches  # no tqdm object per product: it costs per-call time
-        return tqdm(self._batches, total=self._batches.num_batches, desc=desc, leave=False, unit="batch")
+        # delay: a bar appears only for passes that last longer than a second.
+        return tqdm(self._batches, total=self._batches.num_batches, desc=desc, leave=False, unit="batch", delay=1.0)
 
     def _per_batch(self, name: str, rows: tf.Tensor) -> Callable[..., tf.Tensor]:
         kind = "single" if rows.shape.rank == 1 else "block"

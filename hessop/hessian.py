@@ -43,14 +43,19 @@ class HessianOperator(SymmetricDataPassOperator):
     dtype : dtype, optional
         dtype of the operator (numpy in/out); default the parameters' dtype.
     progress : bool
-        Show a tqdm progress bar over mini-batches for each product.
+        Show a tqdm progress bar over mini-batches for each product that
+        lasts longer than a second.
     check_deterministic : bool
         Compare two passes over the data at construction and refuse data or
         models that change between passes (shuffling, random augmentation).
     hvp_mode : {"auto", "forward", "reverse"}
         Forward-over-reverse or reverse-over-reverse HVPs. ``"auto"`` (default)
         times both on the first batch and keeps the faster, separately for
-        single vectors and blocks.
+        single vectors and blocks (reverse under a multi-replica strategy).
+    strategy : tf.distribute.Strategy, optional
+        Distribute each batch over the strategy's replicas and all-reduce once
+        per product. Default: the strategy in scope, else the one that owns the
+        model's variables, else none (single device).
 
     Attributes
     ----------
