@@ -368,7 +368,51 @@ class DataPassOperator(LinearOperator):
 
 
 class SymmetricDataPassOperator(DataPassOperator):
-    """A data-pass operator equal to its adjoint (H, G, GGN): ``A.H is A``."""
+    """A P×P data-pass operator equal to its adjoint (H, G, GGN): ``A.H is A``.
+
+    Subclasses name their per-batch engine product in ``_product`` and set
+    ``_per_example_loss`` when the product needs per-example losses.
+    """
+
+    _product = ""
+    _per_example_loss = False
+
+    def __init__(
+        self,
+        model: Any,
+        loss_fn: Callable[[Any, Any], Any],
+        data: Any,
+        *,
+        params: Sequence[Any] | None = None,
+        batch_size: int | None = None,
+        reduction: str = "mean",
+        dtype: Any = None,
+        progress: bool = False,
+        check_deterministic: bool = True,
+        strategy: Any = None,
+    ) -> None:
+        self._setup(
+            model,
+            loss_fn,
+            data,
+            params=params,
+            batch_size=batch_size,
+            reduction=reduction,
+            dtype=dtype,
+            progress=progress,
+            check_deterministic=check_deterministic,
+            strategy=strategy,
+            hvp_mode="auto",
+        )
+
+    def _setup(self, model: Any, loss_fn: Any, data: Any, **options: Any) -> None:
+        if loss_fn is None:
+            msg = f"loss_fn: {type(self).__name__} needs a loss function, got None."
+            raise ValueError(msg)
+        DataPassOperator.__init__(self, model, loss_fn, data, per_example_loss=self._per_example_loss, **options)
+
+    def _apply(self, rows: tf.Tensor) -> tf.Tensor:
+        return self._summed(self._product, rows)
 
     def _adjoint(self) -> SymmetricDataPassOperator:
         return self
@@ -377,7 +421,11 @@ class SymmetricDataPassOperator(DataPassOperator):
         return self
 
     def to_dense(self, *, max_params: int = DEFAULT_MAX_DENSE, block_size: int = 128) -> np.ndarray:
-        """The full P×P matrix from blocks of unit vectors; refuses P above ``max_params``.
+        """The full P×P matrix, off-diagonal blocks between variables included.
+
+        Built from products with blocks of ``block_size`` unit vectors, one data
+        pass per block (unlike ``tf.hessians``, which returns only the
+        per-variable diagonal blocks of a Hessian).
 
         Parameters
         ----------
@@ -396,5 +444,15 @@ class SymmetricDataPassOperator(DataPassOperator):
         ------
         ValueError
             If P > max_params, or block_size < 1.
+
+        Examples
+        --------
+        >>> import numpy as np, tensorflow as tf, hessop
+        >>> beta = tf.Variable([0.5, -0.25], dtype=tf.float64)
+        >>> x = np.array([[1.0, 2.0], [0.5, -1.0], [2.0, 0.0]]); y = np.array([1.0, 0.0, 3.0])
+        >>> poisson = lambda y, eta: tf.exp(eta) - y * eta
+        >>> H = hessop.HessianOperator(lambda x: tf.linalg.matvec(x, beta), poisson, (x, y), params=[beta])
+        >>> bool(np.allclose(H.to_dense(), x.T @ np.diag(np.exp(x @ beta.numpy())) @ x / 3))
+        True
         """
         return dense_from_operator(self, max_params=max_params, block_size=block_size)

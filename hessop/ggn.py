@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any
 
-import tensorflow as tf
 
 from hessop._base import SymmetricDataPassOperator
 
@@ -46,35 +43,4 @@ class GGNOperator(SymmetricDataPassOperator):
     True
     """
 
-    def __init__(
-        self,
-        model: Any,
-        loss_fn: Callable[[Any, Any], Any],
-        data: Any,
-        *,
-        params: Sequence[Any] | None = None,
-        batch_size: int | None = None,
-        reduction: str = "mean",
-        dtype: Any = None,
-        progress: bool = False,
-        check_deterministic: bool = True,
-        strategy: Any = None,
-    ) -> None:
-        if loss_fn is None:
-            msg = "loss_fn: GGNOperator needs a loss function, got None."
-            raise ValueError(msg)
-        super().__init__(
-            model,
-            loss_fn,
-            data,
-            params=params,
-            batch_size=batch_size,
-            reduction=reduction,
-            dtype=dtype,
-            progress=progress,
-            check_deterministic=check_deterministic,
-            strategy=strategy,
-        )
-
-    def _apply(self, rows: tf.Tensor) -> tf.Tensor:
-        return self._summed("ggn", rows)
+    _product = "ggn"

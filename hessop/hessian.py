@@ -5,11 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import numpy as np
-import tensorflow as tf
-
 from hessop._base import SymmetricDataPassOperator
-from hessop._dense import DEFAULT_MAX_DENSE
 
 __all__ = ["HessianOperator"]
 
@@ -95,6 +91,8 @@ class HessianOperator(SymmetricDataPassOperator):
     True
     """
 
+    _product = "hvp"
+
     def __init__(
         self,
         model: Any,
@@ -110,10 +108,7 @@ class HessianOperator(SymmetricDataPassOperator):
         hvp_mode: str = "auto",
         strategy: Any = None,
     ) -> None:
-        if loss_fn is None:
-            msg = "loss_fn: HessianOperator needs a loss function, got None."
-            raise ValueError(msg)
-        super().__init__(
+        self._setup(
             model,
             loss_fn,
             data,
@@ -126,42 +121,3 @@ class HessianOperator(SymmetricDataPassOperator):
             hvp_mode=hvp_mode,
             strategy=strategy,
         )
-
-    def _apply(self, rows: tf.Tensor) -> tf.Tensor:
-        return self._summed("hvp", rows)
-
-    def to_dense(self, *, max_params: int = DEFAULT_MAX_DENSE, block_size: int = 128) -> np.ndarray:
-        """The full P×P Hessian, off-diagonal blocks between variables included.
-
-        Built from batched HVPs, ``block_size`` columns per pass over the data
-        (unlike ``tf.hessians``, which returns only the per-variable diagonal blocks).
-
-        Parameters
-        ----------
-        max_params : int
-            Refuse when P exceeds this (the dense matrix needs P² numbers); raise
-            it deliberately for larger models.
-        block_size : int
-            Columns per data pass; memory grows with it.
-
-        Returns
-        -------
-        numpy.ndarray
-            Array of shape (P, P) and the operator's dtype.
-
-        Raises
-        ------
-        ValueError
-            If P > max_params, or block_size < 1.
-
-        Examples
-        --------
-        >>> import numpy as np, tensorflow as tf, hessop
-        >>> beta = tf.Variable([0.5, -0.25], dtype=tf.float64)
-        >>> x = np.array([[1.0, 2.0], [0.5, -1.0], [2.0, 0.0]]); y = np.array([1.0, 0.0, 3.0])
-        >>> poisson = lambda y, eta: tf.exp(eta) - y * eta
-        >>> H = hessop.HessianOperator(lambda x: tf.linalg.matvec(x, beta), poisson, (x, y), params=[beta])
-        >>> bool(np.allclose(H.to_dense(), x.T @ np.diag(np.exp(x @ beta.numpy())) @ x / 3))
-        True
-        """
-        return super().to_dense(max_params=max_params, block_size=block_size)

@@ -6,7 +6,6 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
-import tensorflow as tf
 
 from hessop._base import SymmetricDataPassOperator
 
@@ -38,39 +37,8 @@ class OPGOperator(SymmetricDataPassOperator):
     True
     """
 
-    def __init__(
-        self,
-        model: Any,
-        loss_fn: Callable[[Any, Any], Any],
-        data: Any,
-        *,
-        params: Sequence[Any] | None = None,
-        batch_size: int | None = None,
-        reduction: str = "mean",
-        dtype: Any = None,
-        progress: bool = False,
-        check_deterministic: bool = True,
-        strategy: Any = None,
-    ) -> None:
-        if loss_fn is None:
-            msg = "loss_fn: OPGOperator needs a per-example loss function, got None."
-            raise ValueError(msg)
-        super().__init__(
-            model,
-            loss_fn,
-            data,
-            params=params,
-            batch_size=batch_size,
-            reduction=reduction,
-            dtype=dtype,
-            progress=progress,
-            check_deterministic=check_deterministic,
-            per_example_loss=True,
-            strategy=strategy,
-        )
-
-    def _apply(self, rows: tf.Tensor) -> tf.Tensor:
-        return self._summed("opg", rows)
+    _product = "opg"
+    _per_example_loss = True
 
     def per_example_gradients(self) -> Iterator[np.ndarray]:
         """Yield the rows of J batch by batch, each a (B, P) array (never all of J at once)."""

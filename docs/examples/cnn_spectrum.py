@@ -8,7 +8,6 @@ import keras  # noqa: E402
 import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")
-import numpy as np  # noqa: E402
 from sklearn.datasets import load_digits  # noqa: E402
 
 import hessop  # noqa: E402
