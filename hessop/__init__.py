@@ -27,10 +27,10 @@ _EXPORTS = {
     "LowRankOperator": "hessop.lowrank",
     "FullRankOperator": "hessop.lowrank",
     "load": "hessop.lowrank",
-    "low_rank": "hessop.eigen",
-    "full_rank": "hessop.eigen",
+    "low_rank": "hessop.eigenpairs",
+    "full_rank": "hessop.eigenpairs",
     # spectra and estimators
-    "eigen": "hessop.eigen",
+    "eigen": "hessop.eigenpairs",
     "trace": "hessop.estimators",
     "diagonal": "hessop.estimators",
     "row_sums": "hessop.estimators",
@@ -55,7 +55,7 @@ __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:  # pragma: no cover
     from hessop._params import flatten, unflatten
-    from hessop.eigen import eigen, full_rank, low_rank
+    from hessop.eigenpairs import eigen, full_rank, low_rank
     from hessop.estimators import SpectralDensity, diagonal, row_sums, spectral_density, trace
     from hessop.ggn import GGNOperator
     from hessop.hessian import HessianOperator

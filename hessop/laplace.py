@@ -92,7 +92,7 @@ class Laplace:
         check_deterministic: bool = True,
         max_params: int = DEFAULT_MAX_DENSE,
     ) -> None:
-        from hessop.eigen import low_rank
+        from hessop.eigenpairs import low_rank
         from hessop.ggn import GGNOperator
         from hessop.hessian import HessianOperator
         from hessop.opg import OPGOperator

@@ -295,7 +295,7 @@ def _inverse(
         return _DenseCovariance((matrix + matrix.T) / 2, hessian.dtype, opg is not None)
     if method == "cg":
         return _SolveCovariance(hessian, opg, scale, damping, rtol)
-    from hessop.eigen import full_rank
+    from hessop.eigenpairs import full_rank
 
     k = min(size, 100) if k is None else check_positive_int(k, "k")
     if k > size:

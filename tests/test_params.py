@@ -53,3 +53,14 @@ def test_resolve_params_errors():
         resolve_params(None, [v, v])
     with pytest.raises(TypeError, match="trainable_variables"):
         resolve_params(lambda x: x, None)
+
+
+def test_public_names_do_not_collide_with_submodules():
+    # hessop's namespace is lazy: a submodule named like a public function
+    # (hessop.eigen) would replace the function once anything imports it.
+    import pkgutil
+
+    submodules = {m.name for m in pkgutil.iter_modules(hessop.__path__)}
+    assert not submodules & set(hessop.__all__)
+    for name in hessop.__all__:
+        assert not isinstance(getattr(hessop, name), type(hessop)), name

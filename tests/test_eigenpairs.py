@@ -68,10 +68,11 @@ def test_svds_of_j_squared_over_n_is_g_spectrum(mlp):
 
 def test_bad_arguments(mlp):
     G = opg(mlp, 16)
+    for method in ("lanczos", "ipca", "randomized"):
+        with pytest.raises(ValueError, match="k=39"):  # k = P
+            hessop.eigen(G, k=39, method=method)
     with pytest.raises(ValueError, match="k=40"):
-        hessop.eigen(G, k=40)
-    with pytest.raises(ValueError, match="k=39"):
-        hessop.eigen(G, k=39, method="ipca")
+        hessop.low_rank(G, k=40)
     with pytest.raises(ValueError, match="k=0"):
         hessop.eigen(G, k=0)
     with pytest.raises(TypeError, match="int"):

@@ -8,6 +8,9 @@ import numpy as np
 import scipy.linalg
 import scipy.sparse.linalg as sla
 
+from hessop._dense import DEFAULT_MAX_DENSE, dense_from_operator
+from hessop._validation import check_positive_int
+
 __all__ = ["eigen", "low_rank", "full_rank", "check_k"]
 
 METHODS = ("lanczos", "ipca", "randomized")
@@ -44,9 +47,7 @@ def eigen(
     op : scipy.sparse.linalg.LinearOperator
         Symmetric, shape (P, P).
     k : int
-        Number of eigenpairs, ``1 <= k <= P``. ``k = P`` (all of them) is an
-        exact eigendecomposition from P products in blocks, whatever ``method``
-        says: Lanczos cannot return all P.
+        Number of eigenpairs, ``1 <= k < P`` (for all P, see `low_rank`).
     method : {"lanczos", "ipca", "randomized"}
         ``"lanczos"``: ``scipy.sparse.linalg.eigsh`` (implicitly restarted
         Lanczos), any symmetric operator. ``"ipca"``: only for `OPGOperator`;
@@ -110,14 +111,12 @@ def eigen(
     if shape is None or len(shape) != 2 or shape[0] != shape[1]:
         msg = f"op: expected a square LinearOperator, got shape {shape}."
         raise ValueError(msg)
-    k = check_k(k, int(shape[0]), allow_full=method != "ipca")
-    if isinstance(oversample, bool) or not isinstance(oversample, (int, np.integer)) or oversample < 0:
-        msg = f"oversample: expected a non-negative int, got {oversample!r}."
-        raise ValueError(msg)
+    k = check_k(k, int(shape[0]))
+    oversample = check_positive_int(oversample, "oversample", minimum=0)
     if method == "ipca":
         return _eigen_incremental_svd(op, k, which=which, oversample=oversample)
     rng = np.random.default_rng(seed)
-    if method == "randomized" or k == shape[0]:
+    if method == "randomized":
         return _eigen_randomized(op, k, oversample=oversample, power_iterations=power_iterations, rng=rng)
     v0 = rng.standard_normal(shape[0]).astype(op.dtype, copy=False)
     values, vectors = sla.eigsh(op, k=k, which=which, tol=tol, v0=v0)
@@ -176,7 +175,8 @@ def low_rank(op: Any, k: int, *, method: str = "lanczos", **options: Any) -> Any
     op : LinearOperator
         Symmetric, e.g. `HessianOperator`, `OPGOperator`, `GGNOperator`.
     k : int
-        Number of eigenpairs kept.
+        Number of eigenpairs kept, ``1 <= k <= P``; ``k = P`` is exact (P
+        products in blocks: the whole matrix).
     method : {"lanczos", "ipca", "randomized"}
         As in `eigen`; further ``options`` are passed to it.
 
@@ -193,7 +193,7 @@ def low_rank(op: Any, k: int, *, method: str = "lanczos", **options: Any) -> Any
     """
     from hessop.lowrank import LowRankOperator
 
-    values, vectors = eigen(op, k, method=method, **options)
+    values, vectors = _top_eigenpairs(op, k, method, options)
     return LowRankOperator(vectors, values)
 
 
@@ -205,7 +205,7 @@ def full_rank(op: Any, k: int, *, tail: float | None = None, method: str = "lanc
     op : LinearOperator
         Symmetric.
     k : int
-        Number of eigenpairs kept.
+        Number of eigenpairs kept, ``1 <= k <= P``; ``k = P`` is exact.
     tail : float, optional
         :math:`\tilde\lambda`; default the smallest kept eigenvalue.
     method : {"lanczos", "ipca", "randomized"}
@@ -224,5 +224,15 @@ def full_rank(op: Any, k: int, *, tail: float | None = None, method: str = "lanc
     """
     from hessop.lowrank import FullRankOperator
 
-    values, vectors = eigen(op, k, method=method, **options)
+    values, vectors = _top_eigenpairs(op, k, method, options)
     return FullRankOperator(vectors, values, tail)
+
+
+def _top_eigenpairs(op: Any, k: int, method: str, options: dict) -> tuple[np.ndarray, np.ndarray]:
+    """`eigen`, or for k = P the exact decomposition of the (guarded) dense matrix."""
+    size = int(op.shape[0])
+    if check_k(k, size, allow_full=True) < size:
+        return eigen(op, k, method=method, **options)
+    dense = np.asarray(dense_from_operator(op, max_params=DEFAULT_MAX_DENSE, block_size=128), dtype=np.float64)
+    values, vectors = np.linalg.eigh((dense + dense.T) / 2)
+    return values[::-1].astype(op.dtype), vectors[:, ::-1].astype(op.dtype)
