@@ -19,12 +19,14 @@ from typing import Any
 
 import numpy as np
 import scipy.linalg
+import scipy.sparse
 import scipy.stats
-from scipy.sparse.linalg import LinearOperator
+from scipy.sparse.linalg import LinearOperator, aslinearoperator
 
 from hessop._dense import DEFAULT_MAX_DENSE, dense_from_operator
 from hessop._solve import NotPositiveDefiniteError, block_cg, smallest_eigenvalue
 from hessop._validation import check_finite_array, check_positive_int
+from hessop.estimators import diagonal
 
 __all__ = [
     "CovarianceOperator",
@@ -68,15 +70,8 @@ def _check_square(op: Any, name: str) -> int:
 def _damped(op: Any, damping: float) -> Any:
     if damping == 0.0:
         return op
-    from scipy.sparse.linalg import aslinearoperator
-
-    return aslinearoperator(op) + damping * _identity(op.shape[0], op.dtype)
-
-
-def _identity(size: int, dtype: Any) -> LinearOperator:
-    from scipy.sparse.linalg import IdentityOperator
-
-    return IdentityOperator((size, size), dtype=dtype)
+    identity = aslinearoperator(scipy.sparse.identity(op.shape[0], dtype=op.dtype, format="dia"))
+    return aslinearoperator(op) + damping * identity
 
 
 def _dense_cholesky(op: Any, damping: float, name: str, max_params: int) -> tuple[np.ndarray, Any]:
@@ -119,22 +114,20 @@ class CovarianceOperator(LinearOperator):
         return self
 
     def diagonal(self, *, num_probes: int | None = None, seed: int = 0, block_size: int = 64) -> np.ndarray:
-        """Variances (the diagonal), exact unless ``num_probes`` asks for a Hutchinson estimate."""
-        if num_probes is None:
-            return self._exact_diagonal(block_size)
-        from hessop.estimators import diagonal
+        """Variances (the diagonal), exact unless ``num_probes`` asks for a Hutchinson estimate.
 
-        return diagonal(self, method="hutchinson", num_matvecs=num_probes, seed=seed, block_size=block_size)
+        Exact costs one product per block of ``block_size`` unit vectors (for
+        ``"cg"``: solves), except where a closed form exists (dense, low rank).
+        """
+        if num_probes is not None:
+            return diagonal(self, method="hutchinson", num_matvecs=num_probes, seed=seed, block_size=block_size)
+        closed_form = self._closed_form_diagonal()
+        if closed_form is not None:
+            return closed_form
+        return diagonal(self, method="exact", block_size=block_size, max_params=self.shape[0])
 
-    def _exact_diagonal(self, block_size: int) -> np.ndarray:
-        size = self.shape[0]
-        out = np.empty(size)
-        for start in range(0, size, block_size):
-            stop = min(start + block_size, size)
-            unit = np.zeros((size, stop - start))
-            unit[np.arange(start, stop), np.arange(stop - start)] = 1
-            out[start:stop] = self.matmat(unit)[np.arange(start, stop), np.arange(stop - start)]
-        return out
+    def _closed_form_diagonal(self) -> np.ndarray | None:
+        return None
 
     def to_dense(self, *, max_params: int = DEFAULT_MAX_DENSE) -> np.ndarray:
         """The P×P covariance matrix (guarded like every hessop ``to_dense``)."""
@@ -153,7 +146,7 @@ class _DenseCovariance(CovarianceOperator):
     def _matmat(self, X: np.ndarray) -> np.ndarray:  # noqa: N803
         return (self.matrix @ np.asarray(X, dtype=np.float64)).astype(self.dtype, copy=False)
 
-    def _exact_diagonal(self, block_size: int) -> np.ndarray:
+    def _closed_form_diagonal(self) -> np.ndarray:
         return np.diag(self.matrix).copy()
 
     def to_dense(self, *, max_params: int = DEFAULT_MAX_DENSE) -> np.ndarray:
@@ -189,10 +182,8 @@ class _LowRankCovariance(CovarianceOperator):
             Z = self.inverse.matmat(np.asarray(self.opg.matmat(Z), dtype=self.inverse.dtype))  # noqa: N806
         return (np.asarray(Z, dtype=np.float64) / self.scale).astype(self.dtype, copy=False)
 
-    def _exact_diagonal(self, block_size: int) -> np.ndarray:
-        if self.opg is None:
-            return self.inverse.diagonal() / self.scale
-        return super()._exact_diagonal(block_size)
+    def _closed_form_diagonal(self) -> np.ndarray | None:
+        return self.inverse.diagonal() / self.scale if self.opg is None else None
 
 
 def covariance(
@@ -419,7 +410,7 @@ def summary(model_or_params: Any, cov: Any, names: list[str] | None = None, *, l
     elif hasattr(cov, "diagonal"):
         variances = np.asarray(cov.diagonal(), dtype=np.float64)
     else:
-        variances = CovarianceOperator._exact_diagonal(cov, 64)
+        variances = diagonal(cov, method="exact", max_params=int(cov.shape[0]))
     if variances.shape != estimate.shape:
         msg = f"cov: covers {variances.size} parameters, the model has {estimate.size}."
         raise ValueError(msg)
@@ -505,8 +496,6 @@ def predictive_variance(
 
 
 def _as_operator(cov: Any) -> LinearOperator:
-    from scipy.sparse.linalg import aslinearoperator
-
     array = np.asarray(cov)
     if array.ndim != 2 or array.shape[0] != array.shape[1]:
         msg = f"cov: expected a (P, P) array or LinearOperator, got shape {array.shape}."

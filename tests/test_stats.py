@@ -98,6 +98,16 @@ def test_standard_errors_agree_across_methods(fitted, sandwich):
     assert rel_err(low_rank, dense) < 1e-8
 
 
+@pytest.mark.parametrize("method", ["dense", "cg", "low_rank"])
+def test_damping_adds_to_the_hessian(fitted, method):
+    family, design, y, beta, H, _, _ = fitted
+    damping = 0.3
+    information = np.linalg.inv(closed_forms(design, y, beta, family)[0]) / len(y)  # X^T W X / N
+    expected = np.linalg.inv(len(y) * (information + damping * np.eye(3)))
+    cov = hessop.covariance(H, damping=damping, method=method, k=3)
+    assert rel_err(cov @ np.eye(3), expected) < 1e-8
+
+
 def test_stochastic_standard_errors_are_close(fitted):
     *_, H, _, _ = fitted
     exact = hessop.standard_errors(H, method="cg")
