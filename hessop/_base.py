@@ -45,6 +45,15 @@ def as_numpy_dtype(dtype: Any, default: Any) -> np.dtype:
     return resolved
 
 
+def _sum_over_batches(fn: Callable[..., tf.Tensor], arguments: Any) -> tf.Tensor:
+    """Σ of ``fn(*args)`` over per-batch argument tuples, on the default device."""
+    total = None
+    for args in arguments:
+        part = fn(*args)
+        total = part if total is None else total + part
+    return total
+
+
 @functools.cache
 def _blas_controller() -> ThreadpoolController:
     # Created on first use, after numpy/scipy have loaded their BLAS libraries.
@@ -184,10 +193,7 @@ class DataPassOperator(LinearOperator):
         if self._replicas is not None:
             total = self._replicas.summed(fn, self._sized_batches(), rows)
         else:
-            total = None
-            for x, y in self._iter_batches(type(self).__name__):
-                part = fn(x, y, rows)
-                total = part if total is None else total + part
+            total = _sum_over_batches(fn, ((x, y, rows) for x, y in self._iter_batches(type(self).__name__)))
         return total if self.scale == 1.0 else total * tf.constant(self.scale, dtype=total.dtype)
 
     def _stacked(self, name: str, rows: tf.Tensor) -> tf.Tensor:
@@ -204,11 +210,8 @@ class DataPassOperator(LinearOperator):
         if self._replicas is not None:
             batches = ((x, y, size, piece) for (x, y, size), piece in zip(self._sized_batches(), pieces))
             return self._replicas.sliced_sum(fn, batches, rows_per_example, self.shape[1])
-        total = None
-        for (x, y), piece in zip(self._iter_batches(type(self).__name__), pieces):
-            part = fn(x, y, piece)
-            total = part if total is None else total + part
-        return total
+        batches = ((x, y, piece) for (x, y), piece in zip(self._iter_batches(type(self).__name__), pieces))
+        return _sum_over_batches(fn, batches)
 
     def _validate_loss(self, check_deterministic: bool) -> float | None:
         """One forward pass (two when checking determinism): catches bad losses early."""

@@ -85,18 +85,21 @@ class Replicas:
         """The same tensor on every replica's device (copied once per product)."""
         return self.strategy.experimental_distribute_values_from_function(lambda _ctx: tensor)
 
+    def _accumulate(self, fn: Callable[..., tf.Tensor], arguments: Iterable[tuple[Any, ...]]) -> tf.Tensor:
+        """Per-replica running sums of ``fn(*args)`` over batches, then one all-reduce."""
+        total = None
+        for args in arguments:
+            if total is None:
+                total = self.strategy.run(fn, args=args)
+            else:
+                total = self.strategy.run(lambda acc, *a: acc + fn(*a), args=(total, *args))
+        return self.strategy.reduce(tf.distribute.ReduceOp.SUM, total, axis=None)
+
     def summed(self, fn: Callable[..., tf.Tensor], batches: Iterable[tuple[Any, Any, int]], rows: tf.Tensor) -> tf.Tensor:
         """Σ over batches and replicas of ``fn(x_shard, y_shard, rows)``; one all-reduce."""
-        fn = self._guard(fn, None)
         rows_on_replicas = self.replicate(rows)
-        total = None
-        for x, y, size in batches:
-            xs, ys = self.shard(x, size), self.shard(y, size)
-            if total is None:
-                total = self.strategy.run(fn, args=(xs, ys, rows_on_replicas))
-            else:
-                total = self.strategy.run(lambda acc, a, b, r: acc + fn(a, b, r), args=(total, xs, ys, rows_on_replicas))
-        return self.strategy.reduce(tf.distribute.ReduceOp.SUM, total, axis=None)
+        arguments = ((self.shard(x, size), self.shard(y, size), rows_on_replicas) for x, y, size in batches)
+        return self._accumulate(self._guard(fn, None), arguments)
 
     def stacked(self, fn: Callable[..., tf.Tensor], batches: Iterable[tuple[Any, Any, int]], rows: tf.Tensor) -> tf.Tensor:
         """Per-example outputs of ``fn`` gathered in example order (along the last axis)."""
@@ -112,13 +115,8 @@ class Replicas:
         self, fn: Callable[..., tf.Tensor], batches: Iterable[tuple[Any, Any, int, tf.Tensor]], width: int, output_size: int
     ) -> tf.Tensor:
         """Σ of ``fn(x_shard, y_shard, piece_shard)``: each batch brings its own slice of rows."""
-        fn = self._guard(fn, output_size)
-        total = None
-        for x, y, size, piece in batches:
-            xs, ys = self.shard(x, size), self.shard(y, size)
-            ps = self.shard(piece, size, axis=piece.shape.rank - 1, width=width)
-            if total is None:
-                total = self.strategy.run(fn, args=(xs, ys, ps))
-            else:
-                total = self.strategy.run(lambda acc, a, b, p: acc + fn(a, b, p), args=(total, xs, ys, ps))
-        return self.strategy.reduce(tf.distribute.ReduceOp.SUM, total, axis=None)
+        arguments = (
+            (self.shard(x, size), self.shard(y, size), self.shard(piece, size, axis=piece.shape.rank - 1, width=width))
+            for x, y, size, piece in batches
+        )
+        return self._accumulate(self._guard(fn, output_size), arguments)
