@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 
 from hessop._validation import check_positive_int
 
-__all__ = ["DEFAULT_MAX_DENSE", "dense_from_operator"]
+__all__ = ["DEFAULT_MAX_DENSE", "dense_from_operator", "unit_blocks"]
 
 DEFAULT_MAX_DENSE = 10_000
 
@@ -25,9 +26,15 @@ def dense_from_operator(op: Any, *, max_params: int, block_size: int) -> np.ndar
         )
         raise ValueError(msg)
     dense = np.empty((n_rows, n_cols), dtype=op.dtype)
-    for start in range(0, n_cols, block_size):
-        stop = min(start + block_size, n_cols)
-        unit = np.zeros((n_cols, stop - start), dtype=op.dtype)
-        unit[np.arange(start, stop), np.arange(stop - start)] = 1
-        dense[:, start:stop] = op.matmat(unit)
+    for columns, unit in unit_blocks(n_cols, block_size, op.dtype):
+        dense[:, columns] = op.matmat(unit)
     return dense
+
+
+def unit_blocks(size: int, block_size: int, dtype: Any) -> Iterator[tuple[slice, np.ndarray]]:
+    """(columns, I[:, columns]) for consecutive blocks of the size×size identity."""
+    for start in range(0, size, block_size):
+        stop = min(start + block_size, size)
+        unit = np.zeros((size, stop - start), dtype=dtype)
+        unit[np.arange(start, stop), np.arange(stop - start)] = 1
+        yield slice(start, stop), unit

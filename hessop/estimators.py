@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from hessop._dense import DEFAULT_MAX_DENSE
+from hessop._dense import DEFAULT_MAX_DENSE, unit_blocks
 from hessop._validation import check_positive_int
 
 __all__ = ["trace", "diagonal", "row_sums", "spectral_density", "SpectralDensity"]
@@ -142,11 +142,8 @@ def diagonal(
             )
             raise ValueError(msg)
         out = np.empty(size)
-        for start in range(0, size, block_size):
-            stop = min(start + block_size, size)
-            unit = np.zeros((size, stop - start), dtype=op.dtype)
-            unit[np.arange(start, stop), np.arange(stop - start)] = 1
-            out[start:stop] = op.matmat(unit)[np.arange(start, stop), np.arange(stop - start)]
+        for columns, unit in unit_blocks(size, block_size, op.dtype):
+            out[columns] = op.matmat(unit)[columns][np.diag_indices(unit.shape[1])]
         return out
     num_matvecs = check_positive_int(num_matvecs, "num_matvecs")
     probes = _rademacher(np.random.default_rng(seed), size, num_matvecs, np.float64)
