@@ -13,6 +13,14 @@ __all__ = ["NotPositiveDefiniteError", "block_cg", "smallest_eigenvalue"]
 class NotPositiveDefiniteError(ValueError):
     """The curvature matrix is not positive definite, so it has no (PD) inverse."""
 
+    @classmethod
+    def found(cls, name: str, smallest: float, how: str = "smallest eigenvalue") -> NotPositiveDefiniteError:
+        """The error for ``name`` whose ``how`` (e.g. smallest eigenvalue) is ``smallest``."""
+        return cls(
+            f"{name} is not positive definite ({how} {smallest:.4g}). Fit to a minimum, use a "
+            "PSD curvature (GGN, OPG) or add damping."
+        )
+
 
 def smallest_eigenvalue(op: Any) -> float:
     """Smallest algebraic eigenvalue of a symmetric operator (Lanczos, or dense when tiny)."""
@@ -64,13 +72,8 @@ def block_cg(
         curvature = np.einsum("ij,ij->j", Pd[:, idx], AP)
         # Relative zero test pᵀAp ≤ ε‖p‖‖Ap‖, independent of units.
         if np.any(curvature <= 1e-14 * np.linalg.norm(Pd[:, idx], axis=0) * np.linalg.norm(AP, axis=0)):
-            smallest = smallest_eigenvalue(op)
-            msg = (
-                f"{name} is not positive definite (CG met non-positive curvature; smallest "
-                f"eigenvalue ≈ {smallest:.4g}). Fit to a minimum, use a PSD curvature (GGN, OPG) "
-                "or add damping."
-            )
-            raise NotPositiveDefiniteError(msg)
+            how = "CG met non-positive curvature; smallest eigenvalue ≈"
+            raise NotPositiveDefiniteError.found(name, smallest_eigenvalue(op), how)
         alpha = rr[idx] / curvature
         X[:, idx] += Pd[:, idx] * alpha
         R[:, idx] -= AP * alpha

@@ -80,12 +80,7 @@ def _dense_cholesky(op: Any, damping: float, name: str, max_params: int) -> tupl
     try:
         return dense, scipy.linalg.cho_factor(dense, lower=True)
     except np.linalg.LinAlgError:
-        smallest = float(np.linalg.eigvalsh(dense).min())
-        msg = (
-            f"{name} is not positive definite (smallest eigenvalue {smallest:.4g}). Fit to a minimum, "
-            "use a PSD curvature (GGN, OPG) or add damping."
-        )
-        raise NotPositiveDefiniteError(msg) from None
+        raise NotPositiveDefiniteError.found(name, float(np.linalg.eigvalsh(dense).min())) from None
 
 
 class CovarianceOperator(LinearOperator):
@@ -249,10 +244,6 @@ def covariance(
         msg = f"method: expected one of {METHODS}, got {method!r}."
         raise ValueError(msg)
     size = _check_square(hessian, "hessian")
-    damping = float(damping)
-    if not np.isfinite(damping) or damping < 0:
-        msg = f"damping: expected a finite value >= 0, got {damping}."
-        raise ValueError(msg)
     scale = _information_scale(hessian, num_data, "hessian")
     if opg is not None:
         if _check_square(opg, "opg") != size:
@@ -272,6 +263,10 @@ def _inverse(
     hessian: Any, opg: Any, scale: float, damping: float, method: str, k: int | None, rtol: float, max_params: int
 ) -> CovarianceOperator:
     """(H + δI)⁻¹ / scale, or the sandwich (H + δI)⁻¹ G (H + δI)⁻¹ / scale."""
+    damping = float(damping)
+    if not np.isfinite(damping) or damping < 0:
+        msg = f"damping: expected a finite value >= 0, got {damping}."
+        raise ValueError(msg)
     size = hessian.shape[0]
     if method == "auto":
         method = "dense" if size <= AUTO_DENSE_LIMIT else ("low_rank" if k is not None else "cg")
@@ -300,11 +295,7 @@ def _inverse(
         # eigenvalues below them: look for the smallest one too (one Lanczos run).
         values = np.append(values, smallest_eigenvalue(damped))
     if np.any(values <= 0):
-        msg = (
-            f"hessian is not positive definite (smallest eigenvalue found {values.min():.4g}). Fit to a "
-            "minimum, use a PSD curvature (GGN, OPG) or add damping."
-        )
-        raise NotPositiveDefiniteError(msg)
+        raise NotPositiveDefiniteError.found("hessian", float(values.min()), "smallest eigenvalue found")
     return _LowRankCovariance(approx.inverse(), opg, scale)
 
 
@@ -559,10 +550,6 @@ def influence(
         raise ValueError(msg)
     if method not in ("cg", "low_rank", "dense"):
         msg = f"method: expected 'cg', 'low_rank' or 'dense', got {method!r}."
-        raise ValueError(msg)
-    damping = float(damping)
-    if not np.isfinite(damping) or damping < 0:
-        msg = f"damping: expected a finite value >= 0, got {damping}."
         raise ValueError(msg)
     inverse = _inverse(hessian, None, 1.0, damping, method, k, rtol, DEFAULT_MAX_DENSE)
     solved = np.asarray(inverse.matvec(test_gradient), dtype=np.float64)
