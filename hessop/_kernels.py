@@ -17,7 +17,8 @@ read it as few times as possible:
 The projection Qᵀx splits the rows into contiguous chunks, each accumulating
 into its own partial result, so no atomics are needed; the expansion and the
 diagonal are independent per row. Vectors (m = 1) and blocks have separate
-kernels: a vector's inner loop runs over K, a block's over its m columns.
+kernels: a vector's inner loop runs over K; a block's kernels compute 4 × 2
+tiles of float64 dot products (see ``_project_block``, ``_expand_block``).
 """
 
 from __future__ import annotations
@@ -58,28 +59,81 @@ def _project_vector(Q, x, out):  # noqa: N803
         out += partial[t]
 
 
+# Block kernels (m ≥ 2) compute every output entry as a contiguous float64 dot
+# product: LLVM's loop vectoriser turns those into SIMD reductions, and tiles of
+# 4 × 2 entries share each load. (An outer-product micro-kernel with register
+# accumulators would need LLVM's SLP vectoriser, which numba leaves off.)
+_TILE_ROWS = 64
+
+
 @njit(cache=True, parallel=True, fastmath={"reassoc", "contract"})
 def _project_block(Q, X, out):  # noqa: N803
-    """out[:K] += QᵀX, out[K] += column sums of X² for a (P, m) block."""
+    """out[:K] += QᵀX, out[K] += column sums of X² for a (P, m) block.
+
+    Each tile of ``_TILE_ROWS`` rows is transposed into float64 buffers (K, R)
+    and (m, R), padded with zero rows to multiples of 4 and 2, so QᵀX for the
+    tile is K·m dot products of length R over contiguous memory.
+    """
     P, K = Q.shape
     m = X.shape[1]
-    n_chunks = min(_MAX_CHUNKS, max(1, P // 4096))
-    chunk = (P + n_chunks - 1) // n_chunks
-    partial = np.zeros((n_chunks, K + 1, m))
+    R = _TILE_ROWS
+    K4 = (K + 3) // 4 * 4
+    m2 = (m + 1) // 2 * 2
+    n_tiles = (P + R - 1) // R
+    n_chunks = min(_MAX_CHUNKS, n_tiles)
+    tiles_per_chunk = (n_tiles + n_chunks - 1) // n_chunks
+    partial = np.zeros((n_chunks, K4 + 1, m2))  # row K4: squared norms
     for t in prange(n_chunks):
-        acc = np.zeros((K + 1, m))
-        row = np.empty(m)
-        for i in range(t * chunk, min(P, (t + 1) * chunk)):
-            for j in range(m):
-                row[j] = np.float64(X[i, j])
-                acc[K, j] += row[j] * row[j]
-            for k in range(K):
-                qik = np.float64(Q[i, k])
+        acc = np.zeros((K4 + 1, m2))
+        q = np.zeros((K4, R))  # rows K..K4-1 stay zero
+        x = np.zeros((m2, R))  # row m (if m is odd) stays zero
+        for tile in range(t * tiles_per_chunk, min(n_tiles, (t + 1) * tiles_per_chunk)):
+            i0 = tile * R
+            n = min(R, P - i0)
+            for r in range(n):
+                for k in range(K):
+                    q[k, r] = Q[i0 + r, k]
                 for j in range(m):
-                    acc[k, j] += qik * row[j]
+                    x[j, r] = X[i0 + r, j]
+            for r in range(n, R):  # only in the last tile
+                for k in range(K):
+                    q[k, r] = 0.0
+                for j in range(m):
+                    x[j, r] = 0.0
+            for j in range(0, m2, 2):
+                x0 = x[j]
+                x1 = x[j + 1]
+                n0 = 0.0
+                n1 = 0.0
+                for r in range(R):
+                    n0 += x0[r] * x0[r]
+                    n1 += x1[r] * x1[r]
+                acc[K4, j] += n0
+                acc[K4, j + 1] += n1
+                for k in range(0, K4, 4):
+                    a, b, c, d = q[k], q[k + 1], q[k + 2], q[k + 3]
+                    s00 = s01 = s10 = s11 = s20 = s21 = s30 = s31 = 0.0
+                    for r in range(R):
+                        s00 += a[r] * x0[r]
+                        s01 += a[r] * x1[r]
+                        s10 += b[r] * x0[r]
+                        s11 += b[r] * x1[r]
+                        s20 += c[r] * x0[r]
+                        s21 += c[r] * x1[r]
+                        s30 += d[r] * x0[r]
+                        s31 += d[r] * x1[r]
+                    acc[k, j] += s00
+                    acc[k, j + 1] += s01
+                    acc[k + 1, j] += s10
+                    acc[k + 1, j + 1] += s11
+                    acc[k + 2, j] += s20
+                    acc[k + 2, j + 1] += s21
+                    acc[k + 3, j] += s30
+                    acc[k + 3, j + 1] += s31
         partial[t] = acc
     for t in range(n_chunks):
-        out += partial[t]
+        out[:K] += partial[t, :K, :m]
+        out[K] += partial[t, K4, :m]
 
 
 @njit(cache=True, parallel=True, fastmath={"reassoc", "contract"})
@@ -94,23 +148,64 @@ def _expand_vector(Q, c, x, tail, out):  # noqa: N803
 
 
 @njit(cache=True, parallel=True, fastmath={"reassoc", "contract"})
-def _expand_block(Q, C, X, tail, out):  # noqa: N803
-    """out = Q C + tail X for a (P, m) block, a float64 row accumulator per row."""
+def _expand_block(Q, Ct, X, tail, out):  # noqa: N803
+    """out = Q C + tail X for a (P, m) block; ``Ct`` is Cᵀ in float64, padded to even m.
+
+    Four rows of Q are converted to float64 once, then each pair of columns
+    of C gives 4 × 2 dot products of length K in one loop.
+    """
     P, K = Q.shape
     m = X.shape[1]
-    n_chunks = max(1, P // 512)
+    n_chunks = max(1, P // 1024)
     chunk = (P + n_chunks - 1) // n_chunks
     for t in prange(n_chunks):
-        row = np.empty(m)
-        for i in range(t * chunk, min(P, (t + 1) * chunk)):
+        q = np.empty((4, K))
+        start = t * chunk
+        stop = min(P, start + chunk)
+        stop4 = start + (stop - start) // 4 * 4
+        for i in range(start, stop4, 4):
+            for r in range(4):
+                for k in range(K):
+                    q[r, k] = Q[i + r, k]
+            q0, q1, q2, q3 = q[0], q[1], q[2], q[3]
+            for j in range(0, m, 2):
+                c0 = Ct[j]
+                c1 = Ct[j + 1]
+                s00 = s01 = s10 = s11 = s20 = s21 = s30 = s31 = 0.0
+                for k in range(K):
+                    s00 += q0[k] * c0[k]
+                    s01 += q0[k] * c1[k]
+                    s10 += q1[k] * c0[k]
+                    s11 += q1[k] * c1[k]
+                    s20 += q2[k] * c0[k]
+                    s21 += q2[k] * c1[k]
+                    s30 += q3[k] * c0[k]
+                    s31 += q3[k] * c1[k]
+                if tail != 0.0:  # a low-rank operator never reads X here
+                    s00 += tail * np.float64(X[i, j])
+                    s10 += tail * np.float64(X[i + 1, j])
+                    s20 += tail * np.float64(X[i + 2, j])
+                    s30 += tail * np.float64(X[i + 3, j])
+                    if j + 1 < m:
+                        s01 += tail * np.float64(X[i, j + 1])
+                        s11 += tail * np.float64(X[i + 1, j + 1])
+                        s21 += tail * np.float64(X[i + 2, j + 1])
+                        s31 += tail * np.float64(X[i + 3, j + 1])
+                out[i, j] = s00
+                out[i + 1, j] = s10
+                out[i + 2, j] = s20
+                out[i + 3, j] = s30
+                if j + 1 < m:
+                    out[i, j + 1] = s01
+                    out[i + 1, j + 1] = s11
+                    out[i + 2, j + 1] = s21
+                    out[i + 3, j + 1] = s31
+        for i in range(stop4, stop):
             for j in range(m):
-                row[j] = tail * np.float64(X[i, j])
-            for k in range(K):
-                qik = np.float64(Q[i, k])
-                for j in range(m):
-                    row[j] += qik * C[k, j]
-            for j in range(m):
-                out[i, j] = row[j]
+                value = tail * np.float64(X[i, j])
+                for k in range(K):
+                    value += np.float64(Q[i, k]) * Ct[j, k]
+                out[i, j] = value
 
 
 def _project_numba(Q, X, out):  # noqa: N803
@@ -121,10 +216,13 @@ def _project_numba(Q, X, out):  # noqa: N803
 
 
 def _expand_numba(Q, C, X, tail, out):  # noqa: N803
-    if X.shape[1] == 1:
+    m = X.shape[1]
+    if m == 1:
         _expand_vector(Q, np.ascontiguousarray(C[:, 0]), X[:, 0], tail, out[:, 0])
     else:
-        _expand_block(Q, C, X, tail, out)
+        Ct = np.zeros((m + m % 2, C.shape[0]))  # noqa: N806
+        Ct[:m] = C.T
+        _expand_block(Q, Ct, X, tail, out)
 
 
 @njit(cache=True, parallel=True, fastmath={"reassoc", "contract"})

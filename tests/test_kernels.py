@@ -41,3 +41,35 @@ def test_float32_storage_accumulates_in_float64():
     exact = size / np.sqrt(np.float64(size))
     assert abs(coefficients[0, 0] - exact) / exact < 1e-6
     assert squared_norms[0] == size
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(("size", "rank", "width"), [(1, 1, 2), (3, 5, 3), (64, 4, 2), (130, 7, 17), (1001, 50, 16), (4097, 2, 4)])
+def test_block_kernels_cover_tile_remainders(dtype, size, rank, width):
+    # Block kernels work in tiles of 64 rows, 4 rows of Q, 4 columns of Q and
+    # 2 columns of X: these sizes leave every kind of remainder.
+    rng = np.random.default_rng(size)
+    Q = rng.normal(size=(size, rank)).astype(dtype)
+    X = rng.normal(size=(size, width)).astype(dtype)
+    shifted = rng.normal(size=rank)
+    exact_projection = Q.astype(np.float64).T @ X.astype(np.float64)
+    coefficients, squared_norms = _kernels.project("numba", Q, X)
+    assert np.allclose(coefficients, exact_projection, rtol=1e-12, atol=1e-12)
+    assert np.allclose(squared_norms, (X.astype(np.float64) ** 2).sum(axis=0), rtol=1e-12)
+    for tail in (0.3, 0.0):  # tail 0 (low rank) skips reading X
+        applied = _kernels.apply("numba", Q, shifted, tail, X)
+        exact = Q.astype(np.float64) @ (shifted[:, None] * exact_projection) + tail * X.astype(np.float64)
+        assert applied.dtype == dtype
+        tolerance = 1e-5 if dtype == np.float32 else 1e-12
+        assert np.allclose(applied, exact, rtol=tolerance, atol=tolerance * np.abs(exact).max())
+
+
+def test_float32_block_accumulates_in_float64():
+    size = 200_000
+    Q = np.full((size, 1), 1 / np.sqrt(size), dtype=np.float32)
+    X = np.ones((size, 3), dtype=np.float32)
+    X[:, 1] = 2.0
+    coefficients, squared_norms = _kernels.project("numba", Q, X)
+    exact = size * np.float64(Q[0, 0]) * np.array([1.0, 2.0, 1.0])
+    assert np.allclose(coefficients[0], exact, rtol=1e-9)
+    assert np.array_equal(squared_norms, [size, 4 * size, size])
