@@ -66,6 +66,22 @@ def _project_vector(Q, x, out):  # noqa: N803
 _TILE_ROWS = 64
 
 
+@njit(cache=True, fastmath={"reassoc", "contract"})
+def _dot_tile(a, b, c, d, u, v, n):
+    """The 4 × 2 dot products of rows a, b, c, d with u and v over their first n entries."""
+    au = av = bu = bv = cu = cv = du = dv = 0.0
+    for r in range(n):
+        au += a[r] * u[r]
+        av += a[r] * v[r]
+        bu += b[r] * u[r]
+        bv += b[r] * v[r]
+        cu += c[r] * u[r]
+        cv += c[r] * v[r]
+        du += d[r] * u[r]
+        dv += d[r] * v[r]
+    return au, av, bu, bv, cu, cv, du, dv
+
+
 @njit(cache=True, parallel=True, fastmath={"reassoc", "contract"})
 def _project_block(Q, X, out):  # noqa: N803
     """out[:K] += QᵀX, out[K] += column sums of X² for a (P, m) block.
@@ -111,17 +127,7 @@ def _project_block(Q, X, out):  # noqa: N803
                 acc[K4, j] += n0
                 acc[K4, j + 1] += n1
                 for k in range(0, K4, 4):
-                    a, b, c, d = q[k], q[k + 1], q[k + 2], q[k + 3]
-                    s00 = s01 = s10 = s11 = s20 = s21 = s30 = s31 = 0.0
-                    for r in range(R):
-                        s00 += a[r] * x0[r]
-                        s01 += a[r] * x1[r]
-                        s10 += b[r] * x0[r]
-                        s11 += b[r] * x1[r]
-                        s20 += c[r] * x0[r]
-                        s21 += c[r] * x1[r]
-                        s30 += d[r] * x0[r]
-                        s31 += d[r] * x1[r]
+                    s00, s01, s10, s11, s20, s21, s30, s31 = _dot_tile(q[k], q[k + 1], q[k + 2], q[k + 3], x0, x1, R)
                     acc[k, j] += s00
                     acc[k, j + 1] += s01
                     acc[k + 1, j] += s10
@@ -169,18 +175,7 @@ def _expand_block(Q, Ct, X, tail, out):  # noqa: N803
                     q[r, k] = Q[i + r, k]
             q0, q1, q2, q3 = q[0], q[1], q[2], q[3]
             for j in range(0, m, 2):
-                c0 = Ct[j]
-                c1 = Ct[j + 1]
-                s00 = s01 = s10 = s11 = s20 = s21 = s30 = s31 = 0.0
-                for k in range(K):
-                    s00 += q0[k] * c0[k]
-                    s01 += q0[k] * c1[k]
-                    s10 += q1[k] * c0[k]
-                    s11 += q1[k] * c1[k]
-                    s20 += q2[k] * c0[k]
-                    s21 += q2[k] * c1[k]
-                    s30 += q3[k] * c0[k]
-                    s31 += q3[k] * c1[k]
+                s00, s01, s10, s11, s20, s21, s30, s31 = _dot_tile(q0, q1, q2, q3, Ct[j], Ct[j + 1], K)
                 if tail != 0.0:  # a low-rank operator never reads X here
                     s00 += tail * np.float64(X[i, j])
                     s10 += tail * np.float64(X[i + 1, j])
