@@ -8,7 +8,7 @@ in alternating groups (see ``_common.grouped``: per-call interleaving would
 make numba's threads compete with OpenBLAS threads still spinning). The bound is the time to read Q once (or twice for a matvec) at
 the copy bandwidth measured here. Compile time is excluded (warm-up calls).
 
-    python benchmarks/bench_lowrank.py [--size 1000000] [--rank 50] [--repeats 7]
+    python benchmarks/bench_lowrank.py [--size 1000000] [--rank 50] [--repeats 7] [--rounds 2]
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=50)
     parser.add_argument("--block", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--rounds", type=int, default=2, help="alternating groups of repeats per function")
     args = parser.parse_args()
     print(machine_info())
     print(f"numba threads: {numba.get_num_threads()}; OMP/BLAS threads env: {os.environ.get('OMP_NUM_THREADS', 'unset')}")
@@ -89,19 +90,23 @@ def main() -> None:
     }
     rows = []
     for name, (ours, numpy_version, passes) in cases.items():
-        result = grouped({"numba": ours, "numpy": numpy_version}, repeats=args.repeats)
+        result = grouped({"numba": ours, "numpy": numpy_version}, repeats=args.repeats, rounds=args.rounds)
         bound = passes * read_once
         rows.append(
             [
                 name,
                 ms(result["numba"]["median"]),
+                ms(result["numba"]["min"]),
                 ms(result["numpy"]["median"]),
+                ms(result["numpy"]["min"]),
                 round(result["numba"]["median"] / result["numpy"]["median"], 2),
+                round(result["numba"]["min"] / result["numpy"]["min"], 2),
                 ms(bound),
                 round(result["numba"]["median"] / bound, 2),
             ]
         )
-    print(table(["operation", "hessop (numba) ms", "numpy ms", "numba ÷ numpy", "bound ms (Q reads)", "÷ bound"], rows))
+    headers = ["operation", "numba median ms", "min", "numpy median ms", "min", "÷ numpy (medians)", "(mins)"]
+    print(table([*headers, "bound ms (Q reads)", "median ÷ bound"], rows))
 
 
 if __name__ == "__main__":

@@ -17,8 +17,9 @@ read it as few times as possible:
 The projection Qᵀx splits the rows into contiguous chunks, each accumulating
 into its own partial result, so no atomics are needed; the expansion and the
 diagonal are independent per row. Vectors (m = 1) and blocks have separate
-kernels: a vector's inner loop runs over K; a block's kernels compute 4 × 2
-tiles of float64 dot products (see ``_project_block``, ``_expand_block``).
+kernels: a vector's inner loop runs over K; for a block, ``_project_block``
+adds rank-8 updates into an L1-resident accumulator and ``_expand_block``
+computes 4 × 2 tiles of float64 dot products.
 """
 
 from __future__ import annotations
@@ -59,11 +60,77 @@ def _project_vector(Q, x, out):  # noqa: N803
         out += partial[t]
 
 
-# Block kernels (m ≥ 2) compute every output entry as a contiguous float64 dot
-# product: LLVM's loop vectoriser turns those into SIMD reductions, and tiles of
-# 4 × 2 entries share each load. (An outer-product micro-kernel with register
-# accumulators would need LLVM's SLP vectoriser, which numba leaves off.)
-_TILE_ROWS = 64
+# Block kernels (m ≥ 2). numba leaves LLVM's SLP vectoriser off, so register-
+# tiled micro-kernels written as scalar code stay scalar; only the loop
+# vectoriser runs, over innermost loops. Each kernel is therefore written so
+# its innermost loop runs over contiguous float64 memory and does several
+# FMAs per load and store.
+
+
+@njit(cache=True, parallel=True, fastmath={"reassoc", "contract"})
+def _project_block(Q, X, out):  # noqa: N803
+    """out[:K] += QᵀX, out[K] += column sums of X² for a (P, m) block.
+
+    Rank-8 updates: eight rows of Q, converted to float64, update row j of a
+    (m, K) accumulator with Σ_r X[i+r, j] Q[i+r, :] in one vectorised loop
+    over k, so each load and store of the accumulator (which stays in L1)
+    carries eight FMAs. K is padded to a multiple of 4 so that loop has no
+    scalar remainder.
+    """
+    P, K = Q.shape
+    m = X.shape[1]
+    F = 8  # noqa: N806  (rows per update; the loop below names all eight)
+    K4 = (K + 3) // 4 * 4  # noqa: N806
+    n_chunks = min(_MAX_CHUNKS, max(1, P // 4096))
+    chunk = (P + n_chunks - 1) // n_chunks
+    partial = np.zeros((n_chunks, m, K4 + 1))  # column K4: squared norms
+    for t in prange(n_chunks):
+        acc = np.zeros((m, K4 + 1))
+        q = np.zeros((F, K4))  # columns K..K4-1 stay zero
+        start = t * chunk
+        stop = min(P, start + chunk)
+        stop_folded = start + (stop - start) // F * F
+        for i in range(start, stop_folded, F):
+            for r in range(F):
+                for k in range(K):
+                    q[r, k] = Q[i + r, k]
+            q0, q1, q2, q3, q4, q5, q6, q7 = q[0], q[1], q[2], q[3], q[4], q[5], q[6], q[7]
+            for j in range(m):
+                x0 = np.float64(X[i, j])
+                x1 = np.float64(X[i + 1, j])
+                x2 = np.float64(X[i + 2, j])
+                x3 = np.float64(X[i + 3, j])
+                x4 = np.float64(X[i + 4, j])
+                x5 = np.float64(X[i + 5, j])
+                x6 = np.float64(X[i + 6, j])
+                x7 = np.float64(X[i + 7, j])
+                a = acc[j]
+                a[K4] += ((x0 * x0 + x1 * x1) + (x2 * x2 + x3 * x3)) + ((x4 * x4 + x5 * x5) + (x6 * x6 + x7 * x7))
+                for k in range(K4):
+                    a[k] += ((q0[k] * x0 + q1[k] * x1) + (q2[k] * x2 + q3[k] * x3)) + (
+                        (q4[k] * x4 + q5[k] * x5) + (q6[k] * x6 + q7[k] * x7)
+                    )
+        for i in range(stop_folded, stop):  # fewer than F rows left
+            for j in range(m):
+                xj = np.float64(X[i, j])
+                acc[j, K4] += xj * xj
+                for k in range(K):
+                    acc[j, k] += np.float64(Q[i, k]) * xj
+        partial[t] = acc
+    for t in range(n_chunks):
+        out[:K] += partial[t, :, :K].T
+        out[K] += partial[t, :, K4]
+
+
+@njit(cache=True, parallel=True, fastmath={"reassoc", "contract"})
+def _expand_vector(Q, c, x, tail, out):  # noqa: N803
+    """out = Q c + tail x for one vector: a float64 dot product per row."""
+    P, K = Q.shape
+    for i in prange(P):
+        value = tail * np.float64(x[i])
+        for k in range(K):
+            value += np.float64(Q[i, k]) * c[k]
+        out[i] = value
 
 
 @njit(cache=True, fastmath={"reassoc", "contract"})
@@ -83,89 +150,21 @@ def _dot_tile(a, b, c, d, u, v, n):
 
 
 @njit(cache=True, parallel=True, fastmath={"reassoc", "contract"})
-def _project_block(Q, X, out):  # noqa: N803
-    """out[:K] += QᵀX, out[K] += column sums of X² for a (P, m) block.
-
-    Each tile of ``_TILE_ROWS`` rows is transposed into float64 buffers (K, R)
-    and (m, R), padded with zero rows to multiples of 4 and 2, so QᵀX for the
-    tile is K·m dot products of length R over contiguous memory.
-    """
-    P, K = Q.shape
-    m = X.shape[1]
-    R = _TILE_ROWS
-    K4 = (K + 3) // 4 * 4
-    m2 = (m + 1) // 2 * 2
-    n_tiles = (P + R - 1) // R
-    n_chunks = min(_MAX_CHUNKS, n_tiles)
-    tiles_per_chunk = (n_tiles + n_chunks - 1) // n_chunks
-    partial = np.zeros((n_chunks, K4 + 1, m2))  # row K4: squared norms
-    for t in prange(n_chunks):
-        acc = np.zeros((K4 + 1, m2))
-        q = np.zeros((K4, R))  # rows K..K4-1 stay zero
-        x = np.zeros((m2, R))  # row m (if m is odd) stays zero
-        for tile in range(t * tiles_per_chunk, min(n_tiles, (t + 1) * tiles_per_chunk)):
-            i0 = tile * R
-            n = min(R, P - i0)
-            for r in range(n):
-                for k in range(K):
-                    q[k, r] = Q[i0 + r, k]
-                for j in range(m):
-                    x[j, r] = X[i0 + r, j]
-            for r in range(n, R):  # only in the last tile
-                for k in range(K):
-                    q[k, r] = 0.0
-                for j in range(m):
-                    x[j, r] = 0.0
-            for j in range(0, m2, 2):
-                x0 = x[j]
-                x1 = x[j + 1]
-                n0 = 0.0
-                n1 = 0.0
-                for r in range(R):
-                    n0 += x0[r] * x0[r]
-                    n1 += x1[r] * x1[r]
-                acc[K4, j] += n0
-                acc[K4, j + 1] += n1
-                for k in range(0, K4, 4):
-                    s00, s01, s10, s11, s20, s21, s30, s31 = _dot_tile(q[k], q[k + 1], q[k + 2], q[k + 3], x0, x1, R)
-                    acc[k, j] += s00
-                    acc[k, j + 1] += s01
-                    acc[k + 1, j] += s10
-                    acc[k + 1, j + 1] += s11
-                    acc[k + 2, j] += s20
-                    acc[k + 2, j + 1] += s21
-                    acc[k + 3, j] += s30
-                    acc[k + 3, j + 1] += s31
-        partial[t] = acc
-    for t in range(n_chunks):
-        out[:K] += partial[t, :K, :m]
-        out[K] += partial[t, K4, :m]
-
-
-@njit(cache=True, parallel=True, fastmath={"reassoc", "contract"})
-def _expand_vector(Q, c, x, tail, out):  # noqa: N803
-    """out = Q c + tail x for one vector: a float64 dot product per row."""
-    P, K = Q.shape
-    for i in prange(P):
-        value = tail * np.float64(x[i])
-        for k in range(K):
-            value += np.float64(Q[i, k]) * c[k]
-        out[i] = value
-
-
-@njit(cache=True, parallel=True, fastmath={"reassoc", "contract"})
 def _expand_block(Q, Ct, X, tail, out):  # noqa: N803
-    """out = Q C + tail X for a (P, m) block; ``Ct`` is Cᵀ in float64, padded to even m.
+    """out = Q C + tail X for a (P, m) block.
 
-    Four rows of Q are converted to float64 once, then each pair of columns
-    of C gives 4 × 2 dot products of length K in one loop.
+    ``Ct`` is Cᵀ in float64, zero-padded to an even number of rows and to a
+    multiple of 4 columns. Four rows of Q are converted to float64 once (and
+    zero-padded alike, so the dot products have no scalar remainder), then
+    each pair of columns of C gives 4 × 2 dot products in one loop.
     """
     P, K = Q.shape
     m = X.shape[1]
+    K4 = Ct.shape[1]  # noqa: N806
     n_chunks = max(1, P // 1024)
     chunk = (P + n_chunks - 1) // n_chunks
     for t in prange(n_chunks):
-        q = np.empty((4, K))
+        q = np.zeros((4, K4))  # columns K..K4-1 stay zero
         start = t * chunk
         stop = min(P, start + chunk)
         stop4 = start + (stop - start) // 4 * 4
@@ -175,7 +174,7 @@ def _expand_block(Q, Ct, X, tail, out):  # noqa: N803
                     q[r, k] = Q[i + r, k]
             q0, q1, q2, q3 = q[0], q[1], q[2], q[3]
             for j in range(0, m, 2):
-                s00, s01, s10, s11, s20, s21, s30, s31 = _dot_tile(q0, q1, q2, q3, Ct[j], Ct[j + 1], K)
+                s00, s01, s10, s11, s20, s21, s30, s31 = _dot_tile(q0, q1, q2, q3, Ct[j], Ct[j + 1], K4)
                 if tail != 0.0:  # a low-rank operator never reads X here
                     s00 += tail * np.float64(X[i, j])
                     s10 += tail * np.float64(X[i + 1, j])
@@ -215,8 +214,9 @@ def _expand_numba(Q, C, X, tail, out):  # noqa: N803
     if m == 1:
         _expand_vector(Q, np.ascontiguousarray(C[:, 0]), X[:, 0], tail, out[:, 0])
     else:
-        Ct = np.zeros((m + m % 2, C.shape[0]))  # noqa: N806
-        Ct[:m] = C.T
+        K = C.shape[0]  # noqa: N806
+        Ct = np.zeros((m + m % 2, (K + 3) // 4 * 4))  # noqa: N806
+        Ct[:m, :K] = C.T
         _expand_block(Q, Ct, X, tail, out)
 
 
@@ -261,19 +261,25 @@ def project(engine: str, Q: np.ndarray, X: np.ndarray) -> tuple[np.ndarray, np.n
     return out[:-1], out[-1]
 
 
-def apply(engine: str, Q: np.ndarray, shifted: np.ndarray, tail: float, X: np.ndarray) -> np.ndarray:  # noqa: N803
-    """A X for A = Q diag(shifted + tail) Qᵀ + tail (I − QQᵀ); X is (P, m)."""
-    coefficients, _ = project(engine, Q, X)
-    coefficients *= shifted[:, None]
-    out = np.empty(X.shape, dtype=Q.dtype)
-    KERNELS[engine]["expand"](Q, coefficients, X, float(tail), out)
-    return out
+# ``apply`` and ``quadratic_form`` also return the column sums of X² that the
+# projection computes anyway: a non-finite entry of X makes its column's sum
+# non-finite, so callers can validate X without another pass over it (and the
+# numpy twins are kept quiet about the NaN they will be asked to refuse).
+def apply(engine: str, Q: np.ndarray, shifted: np.ndarray, tail: float, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # noqa: N803
+    """(A X, column sums of X²) for A = Q diag(shifted + tail) Qᵀ + tail (I − QQᵀ); X is (P, m)."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        coefficients, squared_norms = project(engine, Q, X)
+        coefficients *= shifted[:, None]
+        out = np.empty(X.shape, dtype=Q.dtype)
+        KERNELS[engine]["expand"](Q, coefficients, X, float(tail), out)
+    return out, squared_norms
 
 
-def quadratic_form(engine: str, Q: np.ndarray, shifted: np.ndarray, tail: float, X: np.ndarray) -> np.ndarray:  # noqa: N803
-    """xᵀAx for each column of X, one pass over Q."""
-    coefficients, squared_norms = project(engine, Q, X)
-    return shifted @ (coefficients * coefficients) + tail * squared_norms
+def quadratic_form(engine: str, Q: np.ndarray, shifted: np.ndarray, tail: float, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # noqa: N803
+    """(xᵀAx for each column x of X, column sums of X²), one pass over Q."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        coefficients, squared_norms = project(engine, Q, X)
+        return shifted @ (coefficients * coefficients) + tail * squared_norms, squared_norms
 
 
 def diagonal(engine: str, Q: np.ndarray, shifted: np.ndarray, tail: float) -> np.ndarray:  # noqa: N803

@@ -80,12 +80,23 @@ class _SpectralOperator(LinearOperator):
         if np.iscomplexobj(X):
             msg = f"{name}: expected a real array, got dtype {X.dtype}."
             raise TypeError(msg)
-        check_finite_array(X, name)
         return X
 
+    @staticmethod
+    def _check_finite(squared_norms: np.ndarray, X: np.ndarray, name: str) -> None:  # noqa: N803
+        # The kernels' column sums of X² are non-finite when X is (or when huge
+        # finite entries overflow): only then is X itself scanned.
+        if not np.all(np.isfinite(squared_norms)):
+            check_finite_array(X, name)
+
     def _matmat(self, X: np.ndarray) -> np.ndarray:  # noqa: N803
-        X = self._checked(X, "X")  # noqa: N806
-        return _kernels.apply(self.engine, self.Q, self._shifted, self.tail, X.astype(self.dtype, copy=False))
+        # Checked after the cast: a float64 entry beyond the float32 range
+        # becomes inf there, and must not pass silently into the result.
+        with np.errstate(over="ignore"):
+            X = self._checked(X, "X").astype(self.dtype, copy=False)  # noqa: N806
+        out, squared_norms = _kernels.apply(self.engine, self.Q, self._shifted, self.tail, X)
+        self._check_finite(squared_norms, X, "X")
+        return out
 
     def _matvec(self, x: np.ndarray) -> np.ndarray:
         return self._matmat(np.reshape(x, (-1, 1))).reshape(-1)
@@ -116,8 +127,10 @@ class _SpectralOperator(LinearOperator):
         if x.ndim not in (1, 2) or x.shape[0] != self.shape[0]:
             msg = f"x: expected shape ({self.shape[0]},) or ({self.shape[0]}, m), got {x.shape}."
             raise ValueError(msg)
-        block = x.reshape(self.shape[0], -1).astype(self.dtype, copy=False)
-        values = _kernels.quadratic_form(self.engine, self.Q, self._shifted, self.tail, block)
+        with np.errstate(over="ignore"):  # an overflow to inf is refused below
+            block = x.reshape(self.shape[0], -1).astype(self.dtype, copy=False)
+        values, squared_norms = _kernels.quadratic_form(self.engine, self.Q, self._shifted, self.tail, block)
+        self._check_finite(squared_norms, block, "x")
         return float(values[0]) if x.ndim == 1 else values
 
     def diagonal(self) -> np.ndarray:

@@ -119,6 +119,35 @@ def test_bad_input():
         A.to_dense(max_params=10)
 
 
+@pytest.mark.parametrize("engine", ["numba", "numpy"])
+@pytest.mark.parametrize("tail", [0.0, 0.25])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_input_refused_without_a_separate_scan(engine, tail, bad):
+    # The finiteness check rides on the kernels' column sums of X²: one bad entry
+    # anywhere in a vector or a block, for low rank (tail 0) too, must be caught.
+    Q, values = spectral_pair(np.float64)
+    A = hessop.FullRankOperator(Q, values, tail=tail, engine=engine) if tail else hessop.LowRankOperator(Q, values, engine=engine)
+    P = Q.shape[0]
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=P)
+    x[P // 3] = bad
+    X = rng.normal(size=(P, 5))
+    X[P - 1, 3] = bad
+    with pytest.raises(ValueError, match=r"X: contains 1 non-finite"):
+        A @ x
+    with pytest.raises(ValueError, match=r"X: contains 1 non-finite"):
+        A @ X
+    with pytest.raises(ValueError, match=r"x: contains 1 non-finite"):
+        A.quadratic_form(X)
+    # Huge finite entries overflow the sums of squares but are not refused.
+    huge = np.zeros(P)
+    huge[0] = 1e200
+    assert np.all(np.isfinite(A @ huge))
+    # ... unless they overflow the operator's float32 storage.
+    with pytest.raises(ValueError, match=r"X: contains 1 non-finite"):
+        hessop.LowRankOperator(Q.astype(np.float32), values, engine=engine) @ huge
+
+
 def test_save_load_round_trip(tmp_path):
     for dtype in (np.float32, np.float64):
         Q, values = spectral_pair(dtype)
