@@ -7,6 +7,9 @@ would (``Q @ (lam * (Q.T @ x))``; ``x @ (A @ x)``), in the same process, timed
 in alternating groups (see ``_common.grouped``: per-call interleaving would
 make numba's threads compete with OpenBLAS threads still spinning). The bound is the time to read Q once (or twice for a matvec) at
 the copy bandwidth measured here. Compile time is excluded (warm-up calls).
+The last two rows time the block kernels alone (QᵀX and QC, float64
+accumulation) against the single sgemm each replaces, to show where the block
+product's time goes.
 
     python benchmarks/bench_lowrank.py [--size 1000000] [--rank 50] [--repeats 7] [--rounds 2]
 """
@@ -23,6 +26,7 @@ import numba
 import numpy as np
 
 import hessop
+from hessop import _kernels
 
 
 def copy_bandwidth(num_bytes: int, repeats: int = 5) -> float:
@@ -88,6 +92,16 @@ def main() -> None:
         ),
         "diagonal": (lambda: full.diagonal(), lambda: tail + (Q * Q) @ shifted, 1),
     }
+    # The two halves of a block product, each against the one sgemm it replaces.
+    coefficients = lam_col * (Q.T.astype(np.float64) @ X)  # float64, as the kernels take it
+    coefficients32 = coefficients.astype(np.float32)
+    expanded = np.empty_like(X)
+    cases[f"  kernel QᵀX, block {args.block}"] = (lambda: _kernels.project("numba", Q, X), lambda: Q.T @ X, 1)
+    cases[f"  kernel QC, block {args.block}"] = (
+        lambda: _kernels.KERNELS["numba"]["expand"](Q, coefficients, X, 0.0, expanded),
+        lambda: Q @ coefficients32,
+        1,
+    )
     rows = []
     for name, (ours, numpy_version, passes) in cases.items():
         result = grouped({"numba": ours, "numpy": numpy_version}, repeats=args.repeats, rounds=args.rounds)

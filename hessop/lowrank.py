@@ -89,17 +89,20 @@ class _SpectralOperator(LinearOperator):
         if not np.all(np.isfinite(squared_norms)):
             check_finite_array(X, name)
 
-    def _matmat(self, X: np.ndarray) -> np.ndarray:  # noqa: N803
+    def _product(self, X: np.ndarray, name: str) -> np.ndarray:  # noqa: N803
         # Checked after the cast: a float64 entry beyond the float32 range
         # becomes inf there, and must not pass silently into the result.
         with np.errstate(over="ignore"):
-            X = self._checked(X, "X").astype(self.dtype, copy=False)  # noqa: N806
+            X = self._checked(X, name).astype(self.dtype, copy=False)  # noqa: N806
         out, squared_norms = _kernels.apply(self.engine, self.Q, self._shifted, self.tail, X)
-        self._check_finite(squared_norms, X, "X")
+        self._check_finite(squared_norms, X, name)
         return out
 
+    def _matmat(self, X: np.ndarray) -> np.ndarray:  # noqa: N803
+        return self._product(X, "X")
+
     def _matvec(self, x: np.ndarray) -> np.ndarray:
-        return self._matmat(np.reshape(x, (-1, 1))).reshape(-1)
+        return self._product(np.reshape(x, (-1, 1)), "x").reshape(-1)
 
     def _adjoint(self) -> _SpectralOperator:
         return self

@@ -133,7 +133,7 @@ def test_non_finite_input_refused_without_a_separate_scan(engine, tail, bad):
     x[P // 3] = bad
     X = rng.normal(size=(P, 5))
     X[P - 1, 3] = bad
-    with pytest.raises(ValueError, match=r"X: contains 1 non-finite"):
+    with pytest.raises(ValueError, match=r"x: contains 1 non-finite"):
         A @ x
     with pytest.raises(ValueError, match=r"X: contains 1 non-finite"):
         A @ X
@@ -144,8 +144,10 @@ def test_non_finite_input_refused_without_a_separate_scan(engine, tail, bad):
     huge[0] = 1e200
     assert np.all(np.isfinite(A @ huge))
     # ... unless they overflow the operator's float32 storage.
-    with pytest.raises(ValueError, match=r"X: contains 1 non-finite"):
+    with pytest.raises(ValueError, match=r"x: contains 1 non-finite"):
         hessop.LowRankOperator(Q.astype(np.float32), values, engine=engine) @ huge
+    with pytest.raises(ValueError, match=r"X: contains 1 non-finite"):
+        hessop.LowRankOperator(Q.astype(np.float32), values, engine=engine) @ np.stack([huge, np.zeros(P)], axis=1)
 
 
 def test_save_load_round_trip(tmp_path):
