@@ -27,6 +27,7 @@ name               input          output      value
 
 from __future__ import annotations
 
+import statistics
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -46,6 +47,51 @@ __all__ = ["Engine", "HVP_MODES"]
 
 HVP_MODES = ("auto", "forward", "reverse")
 _ZERO = tf.UnconnectedGradients.ZERO
+_MODE_TIMING_ROUNDS = 5
+# Products whose vector has one entry per example (or per output) of the batch.
+_PER_EXAMPLE_INPUTS = frozenset({"vjp_loss", "vjp_outputs"})
+
+
+def _unknown_axes(value: Any, axes: Sequence[int]) -> tf.TensorSpec | None:
+    """The TensorSpec of ``value`` with ``axes`` unknown (None stays None: no labels)."""
+    if value is None:
+        return None
+    tensor = tf.convert_to_tensor(value)
+    shape = list(tensor.shape)
+    for axis in axes:
+        shape[axis] = None
+    return tf.TensorSpec(shape, tensor.dtype)
+
+
+class _TracedOnce:
+    """A compiled per-batch function ``f(x, y[, vector])`` traced once for all shapes.
+
+    ``tf.function`` traces for the shapes of its first call and traces again,
+    with those axes relaxed, when a second shape arrives: a short last batch,
+    or a block of another width (the HVP mode search times a narrow one).
+    Tracing a vectorized HVP takes about a second, so the first eager call
+    here traces straight away with the batch axis of the data, the width of a
+    block and the length of a per-example vector unknown.
+    """
+
+    def __init__(self, function: Callable[..., Any], *, block: bool = False, per_example_vector: bool = False) -> None:
+        self._function = function
+        self._vector_axes = ([0] if block else []) + ([-1] if per_example_vector else [])
+        self._traced = False
+
+    @property
+    def tracing_count(self) -> int:
+        return int(self._function.experimental_get_tracing_count())
+
+    def __call__(self, x: Any, y: Any, *vector: tf.Tensor) -> Any:
+        # Inside another graph (tf.distribute's replica functions) the call is
+        # traced inline; only an eager first call pre-traces.
+        if not self._traced and tf.executing_eagerly():
+            specs = [tf.nest.map_structure(lambda t: _unknown_axes(t, [0]), part) for part in (x, y)]
+            specs += [_unknown_axes(v, self._vector_axes) for v in vector]
+            self._function.get_concrete_function(*specs)
+            self._traced = True
+        return self._function(x, y, *vector)
 
 
 def _model_caller(model: Any) -> Callable[[Any], Any]:
@@ -129,8 +175,10 @@ class Engine:
         self._warned_dtype = False
         self.loss_sum = self._compile(self._loss_sum)
         self.strict_loss_sum = self._compile(lambda x, y: tf.reduce_sum(self._per_example_loss(x, y, strict=True)))
-        self.loss_and_gradient = self._compile(self._loss_and_gradient)
-        self.per_example_gradients = self._compile(self._per_example_gradients)
+        # The two loss sums keep the shapes of each batch: they run first, on
+        # construction, and check the loss's length against the batch's.
+        self.loss_and_gradient = _TracedOnce(self._compile(self._loss_and_gradient))
+        self.per_example_gradients = _TracedOnce(self._compile(self._per_example_gradients))
         self.outputs = self._compile(self._flat_outputs)
         self._singles: dict[str, Callable[..., tf.Tensor]] = {
             "hvp_forward": self._hvp_forward,
@@ -157,11 +205,15 @@ class Engine:
         if key not in self._compiled:
             single = self._singles[name]
             if kind == "single":
-                self._compiled[key] = self._compile(single)
+                fn = single
             else:
-                self._compiled[key] = self._compile(
-                    lambda x, y, block: tf.vectorized_map(lambda v: single(x, y, v), block)
-                )
+
+                def fn(x: Any, y: Any, block: tf.Tensor) -> tf.Tensor:
+                    return tf.vectorized_map(lambda v: single(x, y, v), block)
+
+            self._compiled[key] = _TracedOnce(
+                self._compile(fn), block=kind == "block", per_example_vector=name in _PER_EXAMPLE_INPUTS
+            )
         return self._compiled[key]
 
     def hvp_function(self, kind: str, x: Any, y: Any, probe: tf.Tensor) -> Callable[..., tf.Tensor]:
@@ -176,23 +228,29 @@ class Engine:
         return self.function(f"hvp_{mode}", kind)
 
     def _choose_mode(self, kind: str, x: Any, y: Any, probe: tf.Tensor) -> str:
-        times: dict[str, float] = {}
+        candidates: dict[str, Callable[..., tf.Tensor]] = {}
         for mode in ("reverse", "forward"):
             fn = self.function(f"hvp_{mode}", kind)
             try:
-                fn(x, y, probe).numpy()  # trace and warm up
+                fn(x, y, probe).numpy()  # trace
             except (NotImplementedError, LookupError, TypeError, ValueError) as err:
                 if mode == "reverse":
                     raise
                 # Some ops have no forward-mode rule; reverse-over-reverse always works.
                 warnings.warn(f"forward-over-reverse HVP unavailable ({err}); using reverse-over-reverse.", stacklevel=3)
                 continue
-            samples = []
-            for _ in range(3):
+            fn(x, y, probe).numpy()  # the first runs of a new graph are slower
+            candidates[mode] = fn
+        # Interleaved rounds, so that a change in the machine's load hits both
+        # modes alike (timing one mode's samples after the other's picked the
+        # slower mode on a busy machine).
+        samples: dict[str, list[float]] = {mode: [] for mode in candidates}
+        for _ in range(_MODE_TIMING_ROUNDS):
+            for mode, fn in candidates.items():
                 start = time.perf_counter()
                 fn(x, y, probe).numpy()
-                samples.append(time.perf_counter() - start)
-            times[mode] = min(samples)
+                samples[mode].append(time.perf_counter() - start)
+        times = {mode: statistics.median(values) for mode, values in samples.items()}
         best = min(times, key=times.get)
         self._chosen_mode[kind] = best
         self.timings[kind] = times

@@ -100,6 +100,19 @@ def test_hvp_modes_agree(mlp, mode):
     assert rel_err(H @ np.column_stack([v, 2 * v]), dense_hessian(mlp) @ np.column_stack([v, 2 * v])) < 1e-10
 
 
+def test_each_product_is_traced_once_for_all_batch_sizes_and_block_widths(mlp):
+    # batch_size 20 leaves a short last batch (64 = 3 × 20 + 4); blocks of 2 and 5.
+    H = operator(mlp, batch_size=20, hvp_mode="reverse")
+    rng = np.random.default_rng(2)
+    dense = dense_hessian(mlp)
+    for width in (1, 2, 5, 1, 2):
+        block = rng.normal(size=(H.shape[0], width))
+        assert rel_err(H @ block, dense @ block) < 1e-10
+    compiled = H._engine._compiled
+    assert set(compiled) == {("hvp_reverse", "single"), ("hvp_reverse", "block")}
+    assert [compiled[key].tracing_count for key in sorted(compiled)] == [1, 1]
+
+
 def test_auto_mode_records_its_choice(mlp):
     H = operator(mlp, batch_size=32)
     H @ np.ones(H.shape[0])
