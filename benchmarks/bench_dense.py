@@ -4,10 +4,13 @@ Model: MLP 64-64-10 (tanh) on 8×8 digits-sized inputs, softmax cross-entropy,
 N = 512, float32, P = 4,810. Methods, each in its own subprocess so that its
 peak memory (max RSS) is its own:
 
-* ``hessop``: ``HessianOperator.to_dense`` (batched HVPs, 128 columns per pass),
-  with the default ``hvp_mode="auto"`` (its first block product traces and times
-  both HVP modes);
+* ``hessop``: ``HessianOperator.to_dense`` (batched HVPs) with its defaults:
+  ``hvp_mode="auto"`` (its first block product traces and times both HVP
+  modes) and block widths of 16, 32, 64 and 128 columns tried on the first
+  columns, the fastest kept for the rest;
 * ``hessop_reverse``: the same with ``hvp_mode="reverse"`` (no mode search);
+* ``hessop_reverse_128``: ``hvp_mode="reverse"`` and a fixed ``block_size=128``
+  (the default before session 5);
 * ``jacobian``: ``GradientTape.jacobian`` of the full-data gradient (pfor over all P);
 * ``per_column``: the seed paper's route, one HVP per column (P calls);
 * ``tf_hessians``: ``tf.hessians``-style per-variable blocks only (incomplete, for scale).
@@ -56,9 +59,15 @@ def run_method(method: str, num_data: int) -> dict:
         return tf.reduce_mean(loss_fn(y, model(x, training=False)))
 
     H = None
-    if method in ("hessop", "hessop_reverse"):
+    widths: list[int] = []
+    if method.startswith("hessop"):
         H = hessop.HessianOperator(model, loss_fn, (x, y), hvp_mode="auto" if method == "hessop" else "reverse")
-        compute = H.to_dense
+        block_size = 128 if method == "hessop_reverse_128" else None
+        matmat = H.matmat
+        H.matmat = lambda block: widths.append(block.shape[1]) or matmat(block)  # record the block widths used
+
+        def compute():
+            return H.to_dense(block_size=block_size)
     elif method == "jacobian":
 
         @tf.function
@@ -118,22 +127,53 @@ def run_method(method: str, num_data: int) -> dict:
     second = time.perf_counter() - start
     checksum = float(np.sum(dense[0] if isinstance(dense, list) else dense[:, :10]))
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    # The block-HVP mode hessop used (auto: chosen by timing both on 4 columns).
+    # The block-HVP mode hessop used (auto: chosen by timing both on 4 columns),
+    # and the block width of most of its products (default: chosen by timing).
     mode = H._engine._chosen_mode.get("block", H._engine.hvp_mode) if H is not None else "-"
-    return {"method": method, "seconds": elapsed, "second": second, "peak_gb": peak_gb, "P": P, "checksum": checksum, "mode": mode}
+    width = max(set(widths), key=widths.count) if widths else "-"
+    return {"method": method, "seconds": elapsed, "second": second, "peak_gb": peak_gb, "P": P, "checksum": checksum, "mode": mode, "width": width}
+
+
+def compare_widths(num_data: int, rounds: int = 5) -> dict:
+    """In one process: to_dense() (timed block widths) vs to_dense(block_size=128), interleaved."""
+    import numpy as np
+
+    import hessop
+
+    model, loss_fn, x, y = build(num_data)
+    H = hessop.HessianOperator(model, loss_fn, (x, y), hvp_mode="reverse")
+    widths: list[int] = []
+    matmat = H.matmat
+    H.matmat = lambda block: widths.append(block.shape[1]) or matmat(block)
+    H.to_dense(block_size=128)  # trace and warm up both ways
+    H.to_dense()
+    seconds: dict[str, list[float]] = {"default (timed widths)": [], "block_size=128": []}
+    chosen = []
+    for _ in range(rounds):
+        for name, samples in seconds.items():
+            widths.clear()
+            start = time.perf_counter()
+            H.to_dense(block_size=None if name.startswith("default") else 128)
+            samples.append(time.perf_counter() - start)
+            if name.startswith("default"):
+                chosen.append(max(set(widths), key=widths.count))
+    return {"median": {k: float(np.median(v)) for k, v in seconds.items()}, "chosen": chosen}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--num-data", type=int, default=512)
     parser.add_argument("--memory-limit-gb", type=float, default=16.0)
-    parser.add_argument("--methods", nargs="+", default=["hessop", "hessop_reverse", "jacobian", "per_column", "tf_hessians"])
+    parser.add_argument(
+        "--methods", nargs="+", default=["hessop", "hessop_reverse", "hessop_reverse_128", "jacobian", "per_column", "tf_hessians"]
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         limit = int(args.memory_limit_gb * 2**30)
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-        print(json.dumps(run_method(args.child, args.num_data)))
+        result = compare_widths(args.num_data) if args.child == "compare_widths" else run_method(args.child, args.num_data)
+        print(json.dumps(result))
         return
     print(machine_info())
     rows = []
@@ -148,7 +188,7 @@ def main() -> None:
         lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
         if proc.returncode != 0 or not lines:
             reason = "out of memory" if "memory" in proc.stderr.lower() or proc.returncode < 0 else f"failed ({proc.returncode})"
-            rows.append([method, "-", reason, "-", "-", "-", f"> {args.memory_limit_gb:g}" if reason == "out of memory" else "-", "-"])
+            rows.append([method, "-", "-", reason, "-", "-", "-", f"> {args.memory_limit_gb:g}" if reason == "out of memory" else "-", "-"])
             continue
         results[method] = json.loads(lines[-1])
     base = results.get("hessop", {}).get("seconds")
@@ -165,6 +205,7 @@ def main() -> None:
             [
                 method,
                 r["mode"],
+                r["width"],
                 round(r["seconds"], 2),
                 round(r["seconds"] / base, 2) if base else "-",
                 round(r["second"], 2),
@@ -173,9 +214,26 @@ def main() -> None:
                 agree,
             ]
         )
-    headers = ["method", "block HVP mode", "first call s (incl. tracing)", "÷ hessop", "second call s", "÷ hessop", "peak RSS GiB", "agrees with hessop"]
+    headers = ["method", "block HVP mode", "block width", "first call s (incl. tracing)", "÷ hessop", "second call s", "÷ hessop", "peak RSS GiB", "agrees with hessop"]
     print(table(headers, rows))
     print("(tf_hessians computes only the per-variable diagonal blocks: it is not the full Hessian.)")
+    # Block widths side by side in one process (process-to-process noise on a
+    # shared machine is as large as the difference).
+    proc = subprocess.run(
+        [sys.executable, __file__, "--child", "compare_widths", "--num-data", str(args.num_data)],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        check=True,
+    )
+    widths = json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
+    print("\nto_dense, hvp_mode='reverse', one process, 5 interleaved rounds after warm-up:")
+    default, fixed = widths["median"]["default (timed widths)"], widths["median"]["block_size=128"]
+    print(table(
+        ["to_dense", "median s", "÷ block_size=128"],
+        [["default (timed widths)", round(default, 2), round(default / fixed, 2)], ["block_size=128", round(fixed, 2), 1.0]],
+    ))
+    print(f"widths chosen in the five rounds: {widths['chosen']}")
 
 
 if __name__ == "__main__":

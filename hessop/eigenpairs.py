@@ -233,6 +233,6 @@ def _top_eigenpairs(op: Any, k: int, method: str, options: dict) -> tuple[np.nda
     size = int(op.shape[0])
     if check_k(k, size, allow_full=True) < size:
         return eigen(op, k, method=method, **options)
-    dense = np.asarray(dense_from_operator(op, max_params=DEFAULT_MAX_DENSE, block_size=128), dtype=np.float64)
+    dense = np.asarray(dense_from_operator(op, max_params=DEFAULT_MAX_DENSE, block_size=None), dtype=np.float64)
     values, vectors = np.linalg.eigh((dense + dense.T) / 2)
     return values[::-1].astype(op.dtype), vectors[:, ::-1].astype(op.dtype)

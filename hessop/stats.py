@@ -75,7 +75,7 @@ def _damped(op: Any, damping: float) -> Any:
 
 
 def _dense_cholesky(op: Any, damping: float, name: str, max_params: int) -> tuple[np.ndarray, Any]:
-    dense = np.asarray(dense_from_operator(op, max_params=max_params, block_size=128), dtype=np.float64)
+    dense = np.asarray(dense_from_operator(op, max_params=max_params, block_size=None), dtype=np.float64)
     dense = (dense + dense.T) / 2 + damping * np.eye(dense.shape[0])
     try:
         return dense, scipy.linalg.cho_factor(dense, lower=True)
@@ -276,7 +276,7 @@ def _inverse(
         if opg is None:
             matrix = h_inv / scale
         else:
-            g = np.asarray(dense_from_operator(opg, max_params=max_params, block_size=128), dtype=np.float64)
+            g = np.asarray(dense_from_operator(opg, max_params=max_params, block_size=None), dtype=np.float64)
             matrix = h_inv @ ((g + g.T) / 2) @ h_inv / scale
         return _DenseCovariance((matrix + matrix.T) / 2, hessian.dtype, opg is not None)
     if method == "cg":

@@ -10,6 +10,7 @@ import tensorflow as tf
 from conftest import dense_hessian, logistic_case, mlp_case, rel_err
 
 import hessop
+from hessop._dense import TRIAL_BLOCK_SIZES
 
 
 def operator(case, **kwargs):
@@ -65,6 +66,35 @@ def test_to_dense_matches_autodiff_reference(case):
     dense = H.to_dense(block_size=7)  # several blocks, uneven last block
     assert dense.shape == (H.num_params, H.num_params)
     assert rel_err(dense, expected) < 1e-10
+
+
+def test_default_to_dense_times_block_widths_and_matches_autodiff():
+    # P = 805 > 3 × (16 + 32 + 64 + 128): three rounds of trials, then the chosen width.
+    from conftest import Case
+
+    rng = np.random.default_rng(5)
+    x, y = rng.normal(size=(40, 10)), rng.integers(0, 5, size=40)
+    keras.utils.set_random_seed(5)
+    model = keras.Sequential(
+        [
+            keras.Input((10,), dtype="float64"),
+            keras.layers.Dense(50, activation="tanh", dtype="float64"),
+            keras.layers.Dense(5, dtype="float64"),
+        ]
+    )
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None, dtype="float64")
+    case = Case("wide_mlp", model, loss, x, y)
+    H = operator(case, batch_size=16)
+    widths = []
+    matmat = H.matmat
+    H.matmat = lambda block: widths.append(block.shape[1]) or matmat(block)
+    dense = H.to_dense()
+    assert H.num_params == 805 and sum(widths) == 805
+    trials = 3 * len(TRIAL_BLOCK_SIZES)
+    assert widths[:trials] == 3 * list(TRIAL_BLOCK_SIZES)
+    rest = 805 - sum(widths[:trials])  # built with one of the trial widths
+    assert any(widths[trials:] == [w] * (rest // w) + [rest % w] * (rest % w > 0) for w in TRIAL_BLOCK_SIZES)
+    assert rel_err(dense, dense_hessian(case)) < 1e-10
 
 
 def test_mlp_off_diagonal_blocks_are_present(mlp):
