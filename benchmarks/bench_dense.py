@@ -45,6 +45,18 @@ def build(num_data: int):
     return model, loss_fn, x, y
 
 
+def record_block_widths(H) -> list[int]:
+    """Wrap ``H.matmat`` so that each block's width is appended to the returned list."""
+    widths: list[int] = []
+    matmat = H.matmat
+    H.matmat = lambda block: widths.append(block.shape[1]) or matmat(block)
+    return widths
+
+
+def most_used(widths: list[int]) -> int:
+    return max(set(widths), key=widths.count)
+
+
 def run_method(method: str, num_data: int) -> dict:
     import numpy as np
     import tensorflow as tf
@@ -63,8 +75,7 @@ def run_method(method: str, num_data: int) -> dict:
     if method.startswith("hessop"):
         H = hessop.HessianOperator(model, loss_fn, (x, y), hvp_mode="auto" if method == "hessop" else "reverse")
         block_size = 128 if method == "hessop_reverse_128" else None
-        matmat = H.matmat
-        H.matmat = lambda block: widths.append(block.shape[1]) or matmat(block)  # record the block widths used
+        widths = record_block_widths(H)
 
         def compute():
             return H.to_dense(block_size=block_size)
@@ -130,7 +141,7 @@ def run_method(method: str, num_data: int) -> dict:
     # The block-HVP mode hessop used (auto: chosen by timing both on 4 columns),
     # and the block width of most of its products (default: chosen by timing).
     mode = H._engine._chosen_mode.get("block", H._engine.hvp_mode) if H is not None else "-"
-    width = max(set(widths), key=widths.count) if widths else "-"
+    width = most_used(widths) if widths else "-"
     return {"method": method, "seconds": elapsed, "second": second, "peak_gb": peak_gb, "P": P, "checksum": checksum, "mode": mode, "width": width}
 
 
@@ -142,9 +153,7 @@ def compare_widths(num_data: int, rounds: int = 5) -> dict:
 
     model, loss_fn, x, y = build(num_data)
     H = hessop.HessianOperator(model, loss_fn, (x, y), hvp_mode="reverse")
-    widths: list[int] = []
-    matmat = H.matmat
-    H.matmat = lambda block: widths.append(block.shape[1]) or matmat(block)
+    widths = record_block_widths(H)
     H.to_dense(block_size=128)  # trace and warm up both ways
     H.to_dense()
     seconds: dict[str, list[float]] = {"default (timed widths)": [], "block_size=128": []}
@@ -156,7 +165,7 @@ def compare_widths(num_data: int, rounds: int = 5) -> dict:
             H.to_dense(block_size=None if name.startswith("default") else 128)
             samples.append(time.perf_counter() - start)
             if name.startswith("default"):
-                chosen.append(max(set(widths), key=widths.count))
+                chosen.append(most_used(widths))
     return {"median": {k: float(np.median(v)) for k, v in seconds.items()}, "chosen": chosen}
 
 
