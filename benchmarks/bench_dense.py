@@ -15,6 +15,11 @@ peak memory (max RSS) is its own:
 * ``per_column``: the seed paper's route, one HVP per column (P calls);
 * ``tf_hessians``: ``tf.hessians``-style per-variable blocks only (incomplete, for scale).
 
+Then, in fresh processes: the default block width against ``block_size=128``
+(interleaved), and the work of a dense Hessian (P times TF's op-level FLOP
+count of one full-data HVP) turned into GFLOP/s for each route, next to the
+rate of a TF matmul of the first layer's shape.
+
     python benchmarks/bench_dense.py [--num-data 512] [--memory-limit-gb 16] [--methods ...]
 """
 
@@ -169,6 +174,59 @@ def compare_widths(num_data: int, rounds: int = 5) -> dict:
     return {"median": {k: float(np.median(v)) for k, v in seconds.items()}, "chosen": chosen}
 
 
+def hvp_flops_and_matmul_rates(num_data: int) -> dict:
+    """Floating-point work of one full-data HVP (TF's own op-level count) and TF matmul rates here.
+
+    The count is what ``tf.compat.v1.profiler`` registers for the ops of one
+    reverse-over-reverse HVP graph (matmuls and elementwise ops); a dense
+    Hessian by any HVP route does P of them. The matmul rates give the scale:
+    one float32 matmul of the first layer's shape with 64 tangents side by side
+    (N × 64 times 64 × 64·64), and a large square one, each the best of its
+    repeats.
+    """
+    import numpy as np
+    import tensorflow as tf
+    from bench_hvp import reverse_over_reverse
+
+    model, loss_fn, x, y = build(num_data)
+    variables = model.trainable_variables
+    hvp = tf.function(reverse_over_reverse(model, loss_fn, variables))
+    graph = hvp.get_concrete_function(x, y, [tf.TensorSpec(v.shape, v.dtype) for v in variables]).graph
+    options = tf.compat.v1.profiler.ProfileOptionBuilder.float_operation()
+    options["output"] = "none"
+    flops = tf.compat.v1.profiler.profile(graph, options=options).total_float_ops
+
+    def matmul_rate(a_shape, b_shape, repeats=30):  # best of the repeats: what this shape can reach
+        a, b = tf.random.normal(a_shape), tf.random.normal(b_shape)
+        product = tf.function(lambda: tf.matmul(a, b))
+        product().numpy()
+        seconds = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            product().numpy()
+            seconds.append(time.perf_counter() - start)
+        return 2 * a_shape[0] * a_shape[1] * b_shape[1] / min(seconds)
+
+    return {
+        "flops_per_hvp": int(flops),
+        "P": sum(int(np.prod(v.shape)) for v in variables),
+        "matmul_layer_shape": matmul_rate((num_data, 64), (64, 64 * 64)),
+        "matmul_2048": matmul_rate((2048, 2048), (2048, 2048), repeats=5),
+    }
+
+
+def run_child(name: str, num_data: int) -> dict:
+    """Run one helper in a fresh process and return the JSON it prints."""
+    proc = subprocess.run(
+        [sys.executable, __file__, "--child", name, "--num-data", str(num_data)],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        check=True,
+    )
+    return json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--num-data", type=int, default=512)
@@ -181,7 +239,8 @@ def main() -> None:
     if args.child:
         limit = int(args.memory_limit_gb * 2**30)
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-        result = compare_widths(args.num_data) if args.child == "compare_widths" else run_method(args.child, args.num_data)
+        helpers = {"compare_widths": compare_widths, "throughput": hvp_flops_and_matmul_rates}
+        result = helpers.get(args.child, lambda n: run_method(args.child, n))(args.num_data)
         print(json.dumps(result))
         return
     print(machine_info())
@@ -228,14 +287,7 @@ def main() -> None:
     print("(tf_hessians computes only the per-variable diagonal blocks: it is not the full Hessian.)")
     # Block widths side by side in one process (process-to-process noise on a
     # shared machine is as large as the difference).
-    proc = subprocess.run(
-        [sys.executable, __file__, "--child", "compare_widths", "--num-data", str(args.num_data)],
-        capture_output=True,
-        text=True,
-        timeout=1800,
-        check=True,
-    )
-    widths = json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
+    widths = run_child("compare_widths", args.num_data)
     print("\nto_dense, hvp_mode='reverse', one process, 5 interleaved rounds after warm-up:")
     default, fixed = widths["median"]["default (timed widths)"], widths["median"]["block_size=128"]
     print(table(
@@ -243,6 +295,19 @@ def main() -> None:
         [["default (timed widths)", round(default, 2), round(default / fixed, 2)], ["block_size=128", round(fixed, 2), 1.0]],
     ))
     print(f"widths chosen in the five rounds: {widths['chosen']}")
+    # Work and throughput: every HVP route does P full-data HVPs, so the
+    # achieved rate says how far a generic route could still go.
+    work = run_child("throughput", args.num_data)
+    total = work["P"] * work["flops_per_hvp"]
+    print(f"\nwork: {work['flops_per_hvp'] / 1e6:.1f} MFLOP per full-data HVP (TF's op count) × P = {total / 1e9:.0f} GFLOP")
+    print(f"TF float32 matmul here (best of 30): {work['matmul_layer_shape'] / 1e9:.0f} GFLOP/s at ({args.num_data} × 64)·(64 × 4096), "
+          f"{work['matmul_2048'] / 1e9:.0f} GFLOP/s at 2048³")
+    timings = {"hessop default, one process (median above)": default}
+    timings.update({f"{m}, second call": r["second"] for m, r in results.items() if m in ("jacobian", "per_column")})
+    print(table(
+        ["dense Hessian", "s", "GFLOP/s", "÷ layer-shape matmul rate"],
+        [[name, round(sec, 2), round(total / sec / 1e9), round(total / sec / work["matmul_layer_shape"], 2)] for name, sec in timings.items()],
+    ))
 
 
 if __name__ == "__main__":

@@ -7,9 +7,11 @@ would (``Q @ (lam * (Q.T @ x))``; ``x @ (A @ x)``), in the same process, timed
 in alternating groups (see ``_common.grouped``: per-call interleaving would
 make numba's threads compete with OpenBLAS threads still spinning). The bound is the time to read Q once (or twice for a matvec) at
 the copy bandwidth measured here. Compile time is excluded (warm-up calls).
-The last two rows time the block kernels alone (QᵀX and QC, float64
-accumulation) against the single sgemm each replaces, to show where the block
-product's time goes.
+A second table times the two halves of a block product alone (QᵀX and QC,
+float64 accumulation) against the single sgemm each replaces (float32
+accumulation) and against the same product in float64 through BLAS (dgemm on a
+float64 copy of Q, made before timing): what float64 accumulation costs when
+BLAS does it.
 
     python benchmarks/bench_lowrank.py [--size 1000000] [--rank 50] [--repeats 7] [--rounds 2]
 """
@@ -92,16 +94,6 @@ def main() -> None:
         ),
         "diagonal": (lambda: full.diagonal(), lambda: tail + (Q * Q) @ shifted, 1),
     }
-    # The two halves of a block product, each against the one sgemm it replaces.
-    coefficients = lam_col * (Q.T.astype(np.float64) @ X)  # float64, as the kernels take it
-    coefficients32 = coefficients.astype(np.float32)
-    expanded = np.empty_like(X)
-    cases[f"  kernel QᵀX, block {args.block}"] = (lambda: _kernels.project("numba", Q, X), lambda: Q.T @ X, 1)
-    cases[f"  kernel QC, block {args.block}"] = (
-        lambda: _kernels.KERNELS["numba"]["expand"](Q, coefficients, X, 0.0, expanded),
-        lambda: Q @ coefficients32,
-        1,
-    )
     rows = []
     for name, (ours, numpy_version, passes) in cases.items():
         result = grouped({"numba": ours, "numpy": numpy_version}, repeats=args.repeats, rounds=args.rounds)
@@ -121,6 +113,44 @@ def main() -> None:
         )
     headers = ["operation", "numba median ms", "min", "numpy median ms", "min", "÷ numpy (medians)", "(mins)"]
     print(table([*headers, "bound ms (Q reads)", "median ÷ bound"], rows))
+    print()
+    print(block_kernel_table(Q, lam_col, X, args))
+
+
+def block_kernel_table(Q: np.ndarray, lam_col: np.ndarray, X: np.ndarray, args: argparse.Namespace) -> str:
+    """QᵀX and QC alone: numba (float64 accumulation) vs sgemm vs dgemm on a float64 copy of Q."""
+    Q64, X64 = Q.astype(np.float64), X.astype(np.float64)
+    coefficients = lam_col * (Q64.T @ X64)  # float64, as the kernels take it
+    coefficients32 = coefficients.astype(np.float32)
+    expanded, expanded64 = np.empty_like(X), np.empty_like(X64)
+    cases = {
+        f"QᵀX, block {args.block}": {
+            "numba": lambda: _kernels.project("numba", Q, X),
+            "sgemm": lambda: Q.T @ X,
+            "dgemm": lambda: Q64.T @ X64,
+        },
+        f"QC, block {args.block}": {
+            "numba": lambda: _kernels.KERNELS["numba"]["expand"](Q, coefficients, X, 0.0, expanded),
+            "sgemm": lambda: np.matmul(Q, coefficients32, out=expanded),
+            "dgemm": lambda: np.matmul(Q64, coefficients, out=expanded64),
+        },
+    }
+    rows = []
+    for name, fns in cases.items():
+        result = grouped(fns, repeats=args.repeats, rounds=args.rounds)
+        median = {key: result[key]["median"] for key in fns}
+        rows.append(
+            [
+                name,
+                ms(median["numba"]),
+                ms(median["sgemm"]),
+                ms(median["dgemm"]),
+                round(median["numba"] / median["sgemm"], 2),
+                round(median["numba"] / median["dgemm"], 2),
+            ]
+        )
+    headers = ["block kernel alone (medians)", "numba f64 acc. ms", "sgemm f32 ms", "dgemm f64 ms", "÷ sgemm", "÷ dgemm"]
+    return table(headers, rows)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import tensorflow as tf
 from conftest import dense_hessian, logistic_case, mlp_case, rel_err
 
 import hessop
+from hessop import _engine
 from hessop._dense import TRIAL_BLOCK_SIZES
 
 
@@ -148,6 +149,32 @@ def test_auto_mode_records_its_choice(mlp):
     H @ np.ones(H.shape[0])
     assert H._engine._chosen_mode["single"] in ("forward", "reverse")
     assert set(H._engine.timings["single"]) == {"forward", "reverse"}
+
+
+@pytest.mark.parametrize(("seconds", "rounds"), [(0.0, 5), (1e9, 15)])
+def test_auto_mode_times_alternating_rounds_within_bounds(mlp, monkeypatch, seconds, rounds):
+    # With no time budget the search stops at its minimum of rounds, with an
+    # unreachable one at its maximum; either way each round runs both modes,
+    # and the mode that runs first alternates.
+    monkeypatch.setattr(_engine, "_MODE_TIMING_SECONDS", seconds)
+    H = operator(mlp, batch_size=32)
+    engine = H._engine
+    calls = []
+    function = engine.function
+
+    def recording(name, kind):
+        fn = function(name, kind)
+        return lambda *args: calls.append(name) or fn(*args)
+
+    monkeypatch.setattr(engine, "function", recording)
+    H @ np.ones(H.shape[0])
+    assert calls[:4] == ["hvp_reverse"] * 2 + ["hvp_forward"] * 2  # a trace and a warm-up call each
+    timed = calls[4 : 4 + 2 * rounds]
+    assert len(calls) > 4 + 2 * rounds  # then the product itself, with the chosen mode
+    assert set(calls[4 + 2 * rounds :]) == {"hvp_" + engine._chosen_mode["single"]}
+    firsts = [timed[2 * r] for r in range(rounds)]
+    assert all(firsts[r] != firsts[r + 1] for r in range(rounds - 1))
+    assert all({timed[2 * r], timed[2 * r + 1]} == {"hvp_reverse", "hvp_forward"} for r in range(rounds))
 
 
 # -- linear algebra through scipy -----------------------------------------------------
@@ -324,3 +351,35 @@ def test_float32_loss_on_float64_model_warns():
 def test_mlp_case_is_not_at_a_stationary_point():
     # Guards the other tests: a non-trivial Hessian with both signs of curvature terms.
     assert np.linalg.norm(dense_hessian(mlp_case())) > 1e-2
+
+
+def test_batches_whose_non_batch_axes_change_size():
+    # Padded sequence batches: the time axis differs from batch to batch. The
+    # first trace leaves only the batch axis unknown; a traced graph may rely
+    # on its static shapes, so batches of other lengths must be traced again
+    # (once, with the length relaxed), not fed to the first graph.
+    keras.utils.set_random_seed(3)
+    model = keras.Sequential(
+        [
+            keras.Input((None, 3), dtype="float64"),
+            keras.layers.GlobalAveragePooling1D(dtype="float64"),
+            keras.layers.Dense(2, activation="tanh", dtype="float64"),
+            keras.layers.Dense(1, dtype="float64"),
+        ]
+    )
+    rng = np.random.default_rng(3)
+    batches = [(rng.normal(size=(4, length, 3)), rng.normal(size=(4, 1))) for length in (5, 7, 2)]
+    loss_fn = keras.losses.MeanSquaredError(reduction=None, dtype="float64")
+    variables = model.trainable_variables
+    with tf.GradientTape(persistent=True) as outer:
+        with tf.GradientTape() as inner:
+            loss = tf.add_n([tf.reduce_sum(loss_fn(y, model(x))) for x, y in batches]) / 12.0
+        grad = tf.concat([tf.reshape(g, [-1]) for g in inner.gradient(loss, variables)], 0)
+    blocks = outer.jacobian(grad, variables)
+    dense = np.concatenate([np.reshape(b.numpy(), (int(grad.shape[0]), -1)) for b in blocks], axis=1)
+    H = hessop.HessianOperator(model, loss_fn, batches, hvp_mode="reverse")
+    block = rng.normal(size=(H.shape[0], 3))
+    assert rel_err(H @ block[:, 0], dense @ block[:, 0]) < 1e-10
+    assert rel_err(H @ block, dense @ block) < 1e-10
+    compiled = H._engine._compiled
+    assert [compiled[key].tracing_count for key in sorted(compiled)] == [2, 2]  # lengths 5, then 7 and 2
