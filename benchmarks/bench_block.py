@@ -3,9 +3,10 @@
 Same MLP as bench_hvp.py (784-128-64-10 tanh, N = 2048, batch 512, float32).
 For H, G and GGN: ``A @ V`` with V of shape (P, k) against k calls of
 ``A @ v``, interleaved in one process. The target for k = 10 is a ratio of at
-most 0.6. Baseline in the same run: a hand-written reverse-over-reverse HVP in
-TF on tensors, k tangents through ``tf.vectorized_map`` against k calls (the
-issue measured about 0.6 for that).
+most 0.6. "Hessian, XLA" is the same with ``jit_compile=True`` (both its
+block and its columns through XLA). Baseline in the same run: a hand-written
+reverse-over-reverse HVP in TF on tensors, k tangents through
+``tf.vectorized_map`` against k calls (the issue measured about 0.6 for that).
 
     python benchmarks/bench_block.py [--repeats 5] [--k 10]
 """
@@ -35,6 +36,7 @@ def main() -> None:
     x, y = data(2048)
     operators = {
         "Hessian": hessop.HessianOperator(model, loss_fn, (x, y), batch_size=512),
+        "Hessian, XLA": hessop.HessianOperator(model, loss_fn, (x, y), batch_size=512, jit_compile=True),
         "OPG": hessop.OPGOperator(model, loss_fn, (x, y), batch_size=512),
         "GGN": hessop.GGNOperator(model, loss_fn, (x, y), batch_size=512),
     }

@@ -3,9 +3,11 @@
 Model: MLP 784-128-64-10 (tanh), softmax cross-entropy, N = 2048, batch 512,
 float32 (P = 109,386). Baselines in the same run: a plain compiled TF gradient
 over the same batches, and hand-written reverse-over-reverse and
-forward-over-reverse HVPs. Also: per-call Python overhead of the scipy path
-(matvec through scipy vs the engine's per-batch functions called directly),
-and matvec time vs N (should be linear).
+forward-over-reverse HVPs. The Hessian rows include XLA-compiled products
+(``jit_compile=True``; their first call includes XLA compilation). Also:
+per-call Python overhead of the scipy path (matvec through scipy vs the
+engine's per-batch functions called directly), and matvec time vs N (should
+be linear).
 
     python benchmarks/bench_hvp.py [--repeats 7]
 """
@@ -103,6 +105,8 @@ def main() -> None:
     J = hessop.JacobianOperator(model, loss_fn, (x, y), batch_size=bs)
     H_fwd = hessop.HessianOperator(model, loss_fn, (x, y), batch_size=bs, hvp_mode="forward")
     H_rev = hessop.HessianOperator(model, loss_fn, (x, y), batch_size=bs, hvp_mode="reverse")
+    H_fwd_xla = hessop.HessianOperator(model, loss_fn, (x, y), batch_size=bs, hvp_mode="forward", jit_compile=True)
+    H_rev_xla = hessop.HessianOperator(model, loss_fn, (x, y), batch_size=bs, hvp_mode="reverse", jit_compile=True)
     row_vector = np.random.default_rng(2).normal(size=len(x)).astype("float32")
     engine_single = None
 
@@ -125,6 +129,8 @@ def main() -> None:
         "HessianOperator.matvec (auto)": lambda: H @ vector,
         "HessianOperator.matvec (forward)": lambda: H_fwd @ vector,
         "HessianOperator.matvec (reverse)": lambda: H_rev @ vector,
+        "HessianOperator.matvec (forward, XLA)": lambda: H_fwd_xla @ vector,
+        "HessianOperator.matvec (reverse, XLA)": lambda: H_rev_xla @ vector,
         "engine per-batch HVPs only (no scipy)": engine_only,
         "OPGOperator.matvec": lambda: G @ vector,
         "GGNOperator.matvec": lambda: GGN @ vector,

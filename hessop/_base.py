@@ -81,6 +81,7 @@ class DataPassOperator(LinearOperator):
         progress: bool,
         check_deterministic: bool,
         hvp_mode: str = "auto",
+        jit_compile: bool = False,
         shape: tuple[int, int] | None = None,
         per_example_loss: bool = False,
         strategy: Any = None,
@@ -88,7 +89,7 @@ class DataPassOperator(LinearOperator):
         if reduction not in REDUCTIONS:
             msg = f"reduction: expected one of {REDUCTIONS}, got {reduction!r}."
             raise ValueError(msg)
-        self._engine = Engine(model, loss_fn, params, hvp_mode=hvp_mode)
+        self._engine = Engine(model, loss_fn, params, hvp_mode=hvp_mode, jit_compile=jit_compile)
         self.strategy = resolve_strategy(strategy, self._engine.variables)
         replicas = Replicas(self.strategy)
         self._replicas = replicas if replicas.count > 1 else None
@@ -393,6 +394,7 @@ class SymmetricDataPassOperator(DataPassOperator):
         progress: bool = False,
         check_deterministic: bool = True,
         strategy: Any = None,
+        jit_compile: bool = False,
     ) -> None:
         self._setup(
             model,
@@ -406,6 +408,7 @@ class SymmetricDataPassOperator(DataPassOperator):
             check_deterministic=check_deterministic,
             strategy=strategy,
             hvp_mode="auto",
+            jit_compile=jit_compile,
         )
 
     def _setup(self, model: Any, loss_fn: Any, data: Any, **options: Any) -> None:

@@ -177,6 +177,8 @@ class Engine:
     hvp_mode : {"auto", "forward", "reverse"}
         Forward-over-reverse or reverse-over-reverse Hessian-vector products;
         "auto" times both on the first batch and keeps the faster.
+    jit_compile : bool
+        Compile every per-batch function with XLA (``tf.function(jit_compile=True)``).
     """
 
     def __init__(
@@ -186,10 +188,15 @@ class Engine:
         params: Sequence[Any] | None = None,
         *,
         hvp_mode: str = "auto",
+        jit_compile: bool = False,
     ) -> None:
         if hvp_mode not in HVP_MODES:
             msg = f"hvp_mode: expected one of {HVP_MODES}, got {hvp_mode!r}."
             raise ValueError(msg)
+        if not isinstance(jit_compile, bool):
+            msg = f"jit_compile: expected True or False, got {jit_compile!r}."
+            raise TypeError(msg)
+        self.jit_compile = jit_compile
         if loss_fn is not None and not callable(loss_fn):
             msg = f"loss_fn: expected a callable loss_fn(y_true, y_pred), got {type(loss_fn).__name__}."
             raise TypeError(msg)
@@ -225,11 +232,11 @@ class Engine:
         }
         self._compiled: dict[tuple[str, str], Callable[..., tf.Tensor]] = {}
 
-    @staticmethod
-    def _compile(fn: Callable[..., Any]) -> Callable[..., Any]:
+    def _compile(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         # reduce_retracing: a short last batch relaxes the batch dimension once
-        # instead of tracing a new graph per batch shape.
-        return tf.function(fn, reduce_retracing=True)
+        # instead of tracing a new graph per batch shape. (XLA still compiles
+        # once per concrete input shape.)
+        return tf.function(fn, reduce_retracing=True, jit_compile=self.jit_compile)
 
     # -- compiled products --------------------------------------------------------
     def function(self, name: str, kind: str) -> Callable[..., tf.Tensor]:

@@ -26,7 +26,7 @@ class GGNOperator(SymmetricDataPassOperator):
 
     Parameters
     ----------
-    model, loss_fn, data, params, batch_size, reduction, dtype, progress, check_deterministic
+    model, loss_fn, data, params, batch_size, reduction, dtype, progress, check_deterministic, strategy, jit_compile
         As for `HessianOperator`. The loss must be a function of the model
         outputs (``loss_fn(y_true, model(x))``); per-example or batch-mean.
 

@@ -52,6 +52,13 @@ class HessianOperator(SymmetricDataPassOperator):
         Distribute each batch over the strategy's replicas and all-reduce once
         per product. Default: the strategy in scope, else the one that owns the
         model's variables, else none (single device).
+    jit_compile : bool
+        Compile the per-batch products with XLA (``tf.function(jit_compile=True)``).
+        Off by default: XLA compiles again for every new input shape, and on
+        the 2-core CPUs measured for this project it was 5–15 × slower than
+        graph mode on one and, on another, 0.94–1.11 × for reverse-over-reverse
+        and 11–15 × slower for forward-over-reverse. Turn it on where
+        ``benchmarks/bench_hvp.py`` shows it pays (on a GPU, say).
 
     Attributes
     ----------
@@ -68,7 +75,7 @@ class HessianOperator(SymmetricDataPassOperator):
         Empty data, mismatched x/y lengths, a loss that is not per-example or
         scalar, a non-finite loss, no trainable variables, non-deterministic data.
     TypeError
-        A model, loss, data or params of the wrong kind.
+        A model, loss, data or params of the wrong kind; a jit_compile that is not a bool.
 
     Notes
     -----
@@ -107,6 +114,7 @@ class HessianOperator(SymmetricDataPassOperator):
         check_deterministic: bool = True,
         hvp_mode: str = "auto",
         strategy: Any = None,
+        jit_compile: bool = False,
     ) -> None:
         self._setup(
             model,
@@ -120,4 +128,5 @@ class HessianOperator(SymmetricDataPassOperator):
             check_deterministic=check_deterministic,
             hvp_mode=hvp_mode,
             strategy=strategy,
+            jit_compile=jit_compile,
         )

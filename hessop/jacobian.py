@@ -28,7 +28,7 @@ class JacobianOperator(DataPassOperator):
 
     Parameters
     ----------
-    model, data, params, batch_size, dtype, progress, check_deterministic
+    model, data, params, batch_size, dtype, progress, check_deterministic, strategy, jit_compile
         As for `HessianOperator`.
     loss_fn : callable or None
         Per-example loss ``loss_fn(y_true, y_pred)`` (shape ``[B]``; a scalar
@@ -69,6 +69,7 @@ class JacobianOperator(DataPassOperator):
         progress: bool = False,
         check_deterministic: bool = True,
         strategy: Any = None,
+        jit_compile: bool = False,
     ) -> None:
         if target not in TARGETS:
             msg = f"target: expected one of {TARGETS}, got {target!r}."
@@ -91,6 +92,7 @@ class JacobianOperator(DataPassOperator):
             per_example_loss=True,
             shape=(0, 0),  # set below, once the output width is known
             strategy=strategy,
+            jit_compile=jit_compile,
         )
         if uses_loss:
             self.num_outputs = 1

@@ -22,7 +22,7 @@ class OPGOperator(SymmetricDataPassOperator):
 
     Parameters
     ----------
-    model, loss_fn, data, params, batch_size, reduction, dtype, progress, check_deterministic
+    model, loss_fn, data, params, batch_size, reduction, dtype, progress, check_deterministic, strategy, jit_compile
         As for `HessianOperator`; ``loss_fn`` must return per-example losses.
 
     Examples

@@ -17,6 +17,15 @@ def test_ggn_matches_autodiff_reference(case):
     assert rel_err(ggn(case, batch_size=16).to_dense(), dense_ggn(case)) < 1e-10
 
 
+def test_xla_compiled_ggn_matches_autodiff(mlp):
+    G = ggn(mlp, batch_size=20, jit_compile=True)
+    dense = dense_ggn(mlp)
+    block = np.random.default_rng(6).normal(size=(G.shape[0], 2))
+    assert rel_err(G @ block[:, 0], dense @ block[:, 0]) < 1e-10
+    assert rel_err(G @ block, dense @ block) < 1e-10
+    assert all(f._function._jit_compile for f in G._engine._compiled.values())  # XLA was used
+
+
 @pytest.mark.parametrize("make_case", ["logistic", "poisson"])
 def test_ggn_equals_hessian_for_canonical_link(make_case, logistic):
     case = logistic if make_case == "logistic" else poisson_case()

@@ -131,6 +131,23 @@ def test_hvp_modes_agree(mlp, mode):
     assert rel_err(H @ np.column_stack([v, 2 * v]), dense_hessian(mlp) @ np.column_stack([v, 2 * v])) < 1e-10
 
 
+@pytest.mark.parametrize("mode", ["forward", "reverse"])
+def test_xla_compiled_products_match_autodiff(mlp, mode):
+    # jit_compile=True: the same products through XLA, with a short last batch
+    # (64 = 3 × 20 + 4), so XLA compiles for two batch shapes.
+    H = operator(mlp, batch_size=20, hvp_mode=mode, jit_compile=True)
+    assert H._engine.function(f"hvp_{mode}", "single")._function._jit_compile
+    dense = dense_hessian(mlp)
+    block = np.random.default_rng(4).normal(size=(H.shape[0], 3))
+    assert rel_err(H @ block[:, 0], dense @ block[:, 0]) < 1e-10
+    assert rel_err(H @ block, dense @ block) < 1e-10
+
+
+def test_jit_compile_must_be_a_bool(mlp):
+    with pytest.raises(TypeError, match="jit_compile: expected True or False, got 'yes'"):
+        operator(mlp, jit_compile="yes")
+
+
 def test_each_product_is_traced_once_for_all_batch_sizes_and_block_widths(mlp):
     # batch_size 20 leaves a short last batch (64 = 3 × 20 + 4); blocks of 2 and 5.
     H = operator(mlp, batch_size=20, hvp_mode="reverse")

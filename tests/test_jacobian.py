@@ -39,6 +39,18 @@ def test_output_jacobian_matches_autodiff(case):
 
 
 @pytest.mark.parametrize("target", ["loss", "outputs"])
+def test_xla_compiled_jacobian_matches_autodiff(mlp, target):
+    data = (mlp.x, mlp.y) if target == "loss" else (mlp.x, None)
+    J = hessop.JacobianOperator(mlp.model, mlp.loss_fn, data, target=target, batch_size=20, jit_compile=True)
+    expected = dense_per_example_gradients(mlp) if target == "loss" else dense_output_jacobian(mlp)
+    rng = np.random.default_rng(7)
+    v, u = rng.normal(size=J.shape[1]), rng.normal(size=J.shape[0])
+    assert rel_err(J @ v, expected @ v) < 1e-10
+    assert rel_err(J.rmatvec(u), expected.T @ u) < 1e-10
+    assert all(f._function._jit_compile for f in J._engine._compiled.values())  # XLA was used
+
+
+@pytest.mark.parametrize("target", ["loss", "outputs"])
 def test_adjoint_dot_test(mlp, target):
     J = hessop.JacobianOperator(mlp.model, mlp.loss_fn, (mlp.x, mlp.y), target=target, batch_size=20)
     rng = np.random.default_rng(1)

@@ -16,6 +16,15 @@ def test_opg_equals_jtj_over_n(case):
     assert rel_err(G.to_dense(block_size=5), J.T @ J / case.num_data) < 1e-10
 
 
+def test_xla_compiled_opg_matches_autodiff(mlp):
+    G = hessop.OPGOperator(mlp.model, mlp.loss_fn, (mlp.x, mlp.y), batch_size=20, jit_compile=True)
+    J = dense_per_example_gradients(mlp)
+    block = np.random.default_rng(5).normal(size=(G.shape[0], 2))
+    assert rel_err(G @ block[:, 0], J.T @ (J @ block[:, 0]) / mlp.num_data) < 1e-10
+    assert rel_err(G @ block, J.T @ (J @ block) / mlp.num_data) < 1e-10
+    assert all(f._function._jit_compile for f in G._engine._compiled.values())  # XLA was used
+
+
 def test_sum_reduction_and_dataset(logistic):
     J = dense_per_example_gradients(logistic)
     dataset = tf.data.Dataset.from_tensor_slices((logistic.x, logistic.y)).batch(100)
