@@ -57,7 +57,7 @@ class HessianOperator(SymmetricDataPassOperator):
         Off by default: XLA compiles again for every new input shape, and on
         the 2-core CPUs measured for this project it was 5–15 × slower than
         graph mode on one and, on another, 0.94–1.11 × for reverse-over-reverse
-        and 11–15 × slower for forward-over-reverse. Turn it on where
+        and 9–15 × slower for forward-over-reverse. Turn it on where
         ``benchmarks/bench_hvp.py`` shows it pays (on a GPU, say).
 
     Attributes
