@@ -226,3 +226,9 @@ def logistic() -> Case:
 
 def rel_err(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), np.finfo(float).tiny))
+
+
+def compiled_with_xla(operator: Any) -> bool:
+    """True when the operator has compiled per-batch products and XLA compiles each of them."""
+    compiled = list(operator._engine._compiled.values())
+    return bool(compiled) and all(traced._function._jit_compile for traced in compiled)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import scipy.sparse.linalg as sla
 import tensorflow as tf
-from conftest import rel_err
+from conftest import compiled_with_xla, rel_err
 
 import hessop
 
@@ -79,7 +79,7 @@ def test_mirrored_with_xla_equals_single_device(mirrored, data):
     v, V = rng.normal(size=single.shape[0]), rng.normal(size=(single.shape[0], 3))
     assert rel_err(distributed @ v, single @ v) < 1e-12
     assert rel_err(distributed @ V, single @ V) < 1e-12
-    assert all(f._function._jit_compile for f in distributed._engine._compiled.values())
+    assert compiled_with_xla(distributed)
 
 
 def test_mirrored_jacobian_and_its_adjoint(mirrored, data):
