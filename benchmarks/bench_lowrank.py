@@ -6,7 +6,9 @@ form xᵀAx, and the diagonal. numpy baselines are written the way a user
 would (``Q @ (lam * (Q.T @ x))``; ``x @ (A @ x)``), in the same process, timed
 in alternating groups (see ``_common.grouped``: per-call interleaving would
 make numba's threads compete with OpenBLAS threads still spinning). The bound is the time to read Q once (or twice for a matvec) at
-the copy bandwidth measured here. Compile time is excluded (warm-up calls).
+the copy bandwidth measured here; a second bound adds the other arrays read
+and written once each (x or X, read twice by a full-rank product, and the
+result). Compile time is excluded (warm-up calls).
 A second table times the two halves of a block product alone (QᵀX and QC,
 float64 accumulation) against the single sgemm each replaces (float32
 accumulation) and against the same product in float64 through BLAS (dgemm on a
@@ -74,30 +76,34 @@ def main() -> None:
     lam_col = lam[:, None]
     shifted = (lam - tail).astype(np.float32)
     cases = {
-        "low-rank matvec": (lambda: low @ x, lambda: Q @ (lam * (Q.T @ x)), 2),
-        f"low-rank block {args.block}": (lambda: low @ X, lambda: Q @ (lam_col * (Q.T @ X)), 2),
+        "low-rank matvec": (lambda: low @ x, lambda: Q @ (lam * (Q.T @ x)), 2, 2 * x.nbytes),
+        f"low-rank block {args.block}": (lambda: low @ X, lambda: Q @ (lam_col * (Q.T @ X)), 2, 2 * X.nbytes),
         "full-rank matvec (fused)": (
             lambda: full @ x,
             lambda: Q @ (shifted * (Q.T @ x)) + tail * x,
             2,
+            3 * x.nbytes,
         ),
         f"full-rank block {args.block}": (
             lambda: full @ X,
             lambda: Q @ (shifted[:, None] * (Q.T @ X)) + tail * X,
             2,
+            3 * X.nbytes,
         ),
-        "quadratic form xᵀAx (full rank)": (lambda: full.quadratic_form(x), lambda: x @ (Q @ (shifted * (Q.T @ x)) + tail * x), 1),
+        "quadratic form xᵀAx (full rank)": (lambda: full.quadratic_form(x), lambda: x @ (Q @ (shifted * (Q.T @ x)) + tail * x), 1, x.nbytes),
         f"quadratic forms, block {args.block}": (
             lambda: full.quadratic_form(X),
             lambda: np.einsum("ij,ij->j", X, Q @ (shifted[:, None] * (Q.T @ X)) + tail * X),
             1,
+            X.nbytes,
         ),
-        "diagonal": (lambda: full.diagonal(), lambda: tail + (Q * Q) @ shifted, 1),
+        "diagonal": (lambda: full.diagonal(), lambda: tail + (Q * Q) @ shifted, 1, 8 * P),  # float64 result
     }
     rows = []
-    for name, (ours, numpy_version, passes) in cases.items():
+    for name, (ours, numpy_version, passes, other_bytes) in cases.items():
         result = grouped({"numba": ours, "numpy": numpy_version}, repeats=args.repeats, rounds=args.rounds)
         bound = passes * read_once
+        bound_all = bound + other_bytes / bandwidth
         rows.append(
             [
                 name,
@@ -109,10 +115,13 @@ def main() -> None:
                 round(result["numba"]["min"] / result["numpy"]["min"], 2),
                 ms(bound),
                 round(result["numba"]["median"] / bound, 2),
+                ms(bound_all),
+                round(result["numba"]["median"] / bound_all, 2),
             ]
         )
     headers = ["operation", "numba median ms", "min", "numpy median ms", "min", "÷ numpy (medians)", "(mins)"]
-    print(table([*headers, "bound ms (Q reads)", "median ÷ bound"], rows))
+    bounds = ["bound ms (Q reads)", "median ÷ bound", "bound ms (all arrays)", "median ÷ bound (all)"]
+    print(table([*headers, *bounds], rows))
     print()
     print(block_kernel_table(Q, lam_col, X, args))
 

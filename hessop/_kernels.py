@@ -17,15 +17,16 @@ read it as few times as possible:
 The projection Qᵀx splits the rows into contiguous chunks, each accumulating
 into its own partial result, so no atomics are needed; the expansion and the
 diagonal are independent per row. Vectors (m = 1) and blocks have separate
-kernels: a vector's inner loop runs over K; for a block, ``_project_block``
-adds rank-8 updates into an L1-resident accumulator and ``_expand_block``
-computes 4 × 2 tiles of float64 dot products.
+kernels: a vector's inner loop runs over K; a block's kernels are built on the
+register tiles of ``_simd.outer_product_tile``.
 """
 
 from __future__ import annotations
 
 import numpy as np
 from numba import njit, prange
+
+from ._simd import TILE_ROWS, VECTOR_WIDTH, outer_product_tile
 
 __all__ = ["KERNELS", "ENGINES"]
 
@@ -60,70 +61,78 @@ def _project_vector(Q, x, out):  # noqa: N803
         out += partial[t]
 
 
-# Block kernels (m ≥ 2). numba leaves LLVM's SLP vectoriser off, so register-
-# tiled micro-kernels written as scalar code stay scalar; only the loop
-# vectoriser runs, over innermost loops. Each kernel is therefore written so
-# its innermost loop runs over contiguous float64 memory and does several
-# FMAs per load and store.
+# Block kernels (m ≥ 2). Both are blocked around the register tiles of
+# ``_simd.outer_product_tile`` (numba's loop vectoriser alone cannot keep an
+# accumulator tile in registers): rows of Q and X are first converted to
+# float64 into small scratch buffers that stay in L1, and the tiles read those.
+_PROJECT_ROWS = 16  # rows converted per step; of 8, 16, 24, 32, 64, 128 and 256 rows, 8–16 were fastest
+_tile_wide = outer_product_tile(TILE_ROWS, 2)
+_tile_narrow = outer_product_tile(TILE_ROWS, 1)
 
 
-# No "reassoc" here: the k-loop below is not a reduction, so it vectorises
-# without it, and with it LLVM rewrites the tree of eight products as one chain
-# of eight dependent FMAs per accumulator update, which waits on FMA latency
-# (the kernel took 7–16 % longer that way, medians of three runs).
-@njit(cache=True, parallel=True, fastmath={"contract"})
+@njit(cache=True)
+def _tile_columns(A, a_off, a_step, a_row, B, count, acc, c_off, m_pad):  # noqa: N803
+    """acc[c_off + r m_pad + j] += Σ_t A[a_off + t a_step + r a_row] B[t m_pad + j], r < TILE_ROWS, j < m_pad.
+
+    Two-vector tiles across the m_pad columns (a multiple of VECTOR_WIDTH), and
+    a one-vector tile for an odd vector left over.
+    """
+    j0 = 0
+    while j0 + 2 * VECTOR_WIDTH <= m_pad:
+        _tile_wide(A, a_off, a_step, a_row, B, j0, m_pad, count, acc, c_off + j0, m_pad)
+        j0 += 2 * VECTOR_WIDTH
+    if j0 < m_pad:
+        _tile_narrow(A, a_off, a_step, a_row, B, j0, m_pad, count, acc, c_off + j0, m_pad)
+
+
+@njit(cache=True, parallel=True)
 def _project_block(Q, X, out):  # noqa: N803
     """out[:K] += QᵀX, out[K] += column sums of X² for a (P, m) block.
 
-    Rank-8 updates: eight rows of Q, converted to float64, update row j of a
-    (m, K) accumulator with Σ_r X[i+r, j] Q[i+r, :] in one vectorised loop
-    over k, so each load and store of the accumulator (which stays in L1)
-    carries eight products, summed as a tree of depth three. K is padded to a
-    multiple of 4 so that loop has no scalar remainder.
+    Each thread takes contiguous chunks of rows; for every 16 rows it converts
+    Q's rows (K padded to a multiple of TILE_ROWS) and X's rows (m padded to a
+    multiple of VECTOR_WIDTH) to float64 and adds their products into its
+    (K, m) float64 accumulator, one TILE_ROWS × (2 or 1 vectors) tile at a time.
     """
     P, K = Q.shape
     m = X.shape[1]
-    F = 8  # noqa: N806  (rows per update; the loop below names all eight)
-    K4 = (K + 3) // 4 * 4  # noqa: N806
+    rows = _PROJECT_ROWS
+    k_tile = TILE_ROWS
+    K_pad = (K + k_tile - 1) // k_tile * k_tile  # noqa: N806
+    m_pad = (m + VECTOR_WIDTH - 1) // VECTOR_WIDTH * VECTOR_WIDTH
     n_chunks = min(_MAX_CHUNKS, max(1, P // 4096))
     chunk = (P + n_chunks - 1) // n_chunks
-    partial = np.zeros((n_chunks, m, K4 + 1))  # column K4: squared norms
+    partial = np.zeros((n_chunks, K_pad * m_pad + m))  # the last m entries: squared norms
     for t in prange(n_chunks):
-        acc = np.zeros((m, K4 + 1))
-        q = np.zeros((F, K4))  # columns K..K4-1 stay zero
+        q = np.zeros(rows * K_pad)  # padding stays zero
+        x = np.zeros(rows * m_pad)
+        acc = np.zeros(K_pad * m_pad)
+        squares = np.zeros(m_pad)
         start = t * chunk
         stop = min(P, start + chunk)
-        stop_folded = start + (stop - start) // F * F
-        for i in range(start, stop_folded, F):
-            for r in range(F):
+        for i in range(start, stop, rows):
+            n = min(rows, stop - i)
+            for s in range(n):
                 for k in range(K):
-                    q[r, k] = Q[i + r, k]
-            q0, q1, q2, q3, q4, q5, q6, q7 = q[0], q[1], q[2], q[3], q[4], q[5], q[6], q[7]
-            for j in range(m):
-                x0 = np.float64(X[i, j])
-                x1 = np.float64(X[i + 1, j])
-                x2 = np.float64(X[i + 2, j])
-                x3 = np.float64(X[i + 3, j])
-                x4 = np.float64(X[i + 4, j])
-                x5 = np.float64(X[i + 5, j])
-                x6 = np.float64(X[i + 6, j])
-                x7 = np.float64(X[i + 7, j])
-                a = acc[j]
-                a[K4] += ((x0 * x0 + x1 * x1) + (x2 * x2 + x3 * x3)) + ((x4 * x4 + x5 * x5) + (x6 * x6 + x7 * x7))
-                for k in range(K4):
-                    a[k] += ((q0[k] * x0 + q1[k] * x1) + (q2[k] * x2 + q3[k] * x3)) + (
-                        (q4[k] * x4 + q5[k] * x5) + (q6[k] * x6 + q7[k] * x7)
-                    )
-        for i in range(stop_folded, stop):  # fewer than F rows left
-            for j in range(m):
-                xj = np.float64(X[i, j])
-                acc[j, K4] += xj * xj
-                for k in range(K):
-                    acc[j, k] += np.float64(Q[i, k]) * xj
-        partial[t] = acc
-    for t in range(n_chunks):
-        out[:K] += partial[t, :, :K].T
-        out[K] += partial[t, :, K4]
+                    q[s * K_pad + k] = Q[i + s, k]
+                for j in range(m):
+                    x[s * m_pad + j] = X[i + s, j]
+            # Squares from the float64 copy, in a loop of their own: accumulated
+            # inside the copy above, the kernel took 14.5 ms instead of 11.8
+            # (P = 10⁶, K = 50, m = 16).
+            for s in range(n):
+                for j in range(m_pad):
+                    squares[j] += x[s * m_pad + j] * x[s * m_pad + j]
+            for k0 in range(0, K_pad, k_tile):  # a tile's rows are k0..k0+TILE_ROWS-1
+                _tile_columns(q, k0, K_pad, 1, x, n, acc, k0 * m_pad, m_pad)
+        partial[t, : K_pad * m_pad] = acc
+        partial[t, K_pad * m_pad :] = squares[:m]
+    total = partial.sum(axis=0)
+    for k in range(K):
+        for j in range(m):
+            out[k, j] += total[k * m_pad + j]
+    for j in range(m):
+        out[K, j] += total[K_pad * m_pad + j]
 
 
 @njit(cache=True, parallel=True, fastmath={"reassoc", "contract"})
@@ -137,73 +146,41 @@ def _expand_vector(Q, c, x, tail, out):  # noqa: N803
         out[i] = value
 
 
-@njit(cache=True, fastmath={"reassoc", "contract"})
-def _dot_tile(a, b, c, d, u, v, n):
-    """The 4 × 2 dot products of rows a, b, c, d with u and v over their first n entries."""
-    au = av = bu = bv = cu = cv = du = dv = 0.0
-    for r in range(n):
-        au += a[r] * u[r]
-        av += a[r] * v[r]
-        bu += b[r] * u[r]
-        bv += b[r] * v[r]
-        cu += c[r] * u[r]
-        cv += c[r] * v[r]
-        du += d[r] * u[r]
-        dv += d[r] * v[r]
-    return au, av, bu, bv, cu, cv, du, dv
-
-
-@njit(cache=True, parallel=True, fastmath={"reassoc", "contract"})
-def _expand_block(Q, Ct, X, tail, out):  # noqa: N803
+@njit(cache=True, parallel=True)
+def _expand_block(Q, C, X, tail, out):  # noqa: N803
     """out = Q C + tail X for a (P, m) block.
 
-    ``Ct`` is Cᵀ in float64, zero-padded to an even number of rows and to a
-    multiple of 4 columns. Four rows of Q are converted to float64 once (and
-    zero-padded alike, so the dot products have no scalar remainder), then
-    each pair of columns of C gives 4 × 2 dot products in one loop.
+    ``C`` is float64, (K, m_pad) with m_pad = m rounded up to a multiple of
+    VECTOR_WIDTH and zero columns beyond m. TILE_ROWS rows of Q at a time are
+    converted to float64; their products with C accumulate in a
+    TILE_ROWS × m_pad tile (2 or 1 vectors wide per register tile), which is
+    then written out with tail X added in float64 and rounded once.
     """
     P, K = Q.shape
     m = X.shape[1]
-    K4 = Ct.shape[1]  # noqa: N806
+    m_pad = C.shape[1]
+    rows = TILE_ROWS
+    C_flat = C.ravel()  # noqa: N806
     n_chunks = max(1, P // 1024)
-    chunk = (P + n_chunks - 1) // n_chunks
+    chunk = ((P + n_chunks - 1) // n_chunks + rows - 1) // rows * rows
     for t in prange(n_chunks):
-        q = np.zeros((4, K4))  # columns K..K4-1 stay zero
-        start = t * chunk
-        stop = min(P, start + chunk)
-        stop4 = start + (stop - start) // 4 * 4
-        for i in range(start, stop4, 4):
-            for r in range(4):
+        q = np.zeros(rows * K)  # rows past a short last tile are read but never written out
+        acc = np.empty(rows * m_pad)
+        for i in range(t * chunk, min(P, (t + 1) * chunk), rows):
+            n = min(rows, P - i)
+            for r in range(n):
                 for k in range(K):
-                    q[r, k] = Q[i + r, k]
-            q0, q1, q2, q3 = q[0], q[1], q[2], q[3]
-            for j in range(0, m, 2):
-                s00, s01, s10, s11, s20, s21, s30, s31 = _dot_tile(q0, q1, q2, q3, Ct[j], Ct[j + 1], K4)
-                if tail != 0.0:  # a low-rank operator never reads X here
-                    s00 += tail * np.float64(X[i, j])
-                    s10 += tail * np.float64(X[i + 1, j])
-                    s20 += tail * np.float64(X[i + 2, j])
-                    s30 += tail * np.float64(X[i + 3, j])
-                    if j + 1 < m:
-                        s01 += tail * np.float64(X[i, j + 1])
-                        s11 += tail * np.float64(X[i + 1, j + 1])
-                        s21 += tail * np.float64(X[i + 2, j + 1])
-                        s31 += tail * np.float64(X[i + 3, j + 1])
-                out[i, j] = s00
-                out[i + 1, j] = s10
-                out[i + 2, j] = s20
-                out[i + 3, j] = s30
-                if j + 1 < m:
-                    out[i, j + 1] = s01
-                    out[i + 1, j + 1] = s11
-                    out[i + 2, j + 1] = s21
-                    out[i + 3, j + 1] = s31
-        for i in range(stop4, stop):
-            for j in range(m):
-                value = tail * np.float64(X[i, j])
-                for k in range(K):
-                    value += np.float64(Q[i, k]) * Ct[j, k]
-                out[i, j] = value
+                    q[r * K + k] = Q[i + r, k]
+            acc[:] = 0.0
+            _tile_columns(q, 0, 1, K, C_flat, K, acc, 0, m_pad)  # a tile's rows are rows of Q
+            if tail != 0.0:  # a low-rank operator never reads X here
+                for r in range(n):
+                    for j in range(m):
+                        out[i + r, j] = acc[r * m_pad + j] + tail * np.float64(X[i + r, j])
+            else:
+                for r in range(n):
+                    for j in range(m):
+                        out[i + r, j] = acc[r * m_pad + j]
 
 
 def _project_numba(Q, X, out):  # noqa: N803
@@ -218,10 +195,9 @@ def _expand_numba(Q, C, X, tail, out):  # noqa: N803
     if m == 1:
         _expand_vector(Q, np.ascontiguousarray(C[:, 0]), X[:, 0], tail, out[:, 0])
     else:
-        K = C.shape[0]  # noqa: N806
-        Ct = np.zeros((m + m % 2, (K + 3) // 4 * 4))  # noqa: N806
-        Ct[:m, :K] = C.T
-        _expand_block(Q, Ct, X, tail, out)
+        C_padded = np.zeros((C.shape[0], (m + VECTOR_WIDTH - 1) // VECTOR_WIDTH * VECTOR_WIDTH))  # noqa: N806
+        C_padded[:, :m] = C
+        _expand_block(Q, C_padded, X, tail, out)
 
 
 @njit(cache=True, parallel=True, fastmath={"reassoc", "contract"})

@@ -47,12 +47,17 @@ def test_float32_storage_accumulates_in_float64():
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize(("size", "rank", "width"), [(1, 1, 2), (3, 5, 3), (64, 4, 2), (130, 7, 17), (1001, 50, 16), (4097, 2, 4), (12291, 3, 5)])
+@pytest.mark.parametrize(
+    ("size", "rank", "width"),
+    [(1, 1, 2), (3, 5, 3), (64, 4, 2), (130, 7, 17), (1001, 50, 16), (2000, 16, 24), (515, 9, 8), (4097, 2, 4), (12291, 3, 5)],
+)
 def test_block_kernels_cover_tile_remainders(dtype, size, rank, width):
-    # The projection folds 8 rows at a time within chunks of ≥ 4096 rows and pads
-    # K to a multiple of 4; the expansion takes 4 rows of Q and 2 columns of X at
-    # a time. These sizes leave every kind of remainder (12291 = 3 chunks of
-    # 4097 rows, each ending with one unfolded row).
+    # The projection converts 16 rows at a time within chunks of ≥ 4096 rows and
+    # pads K to a multiple of TILE_ROWS (4 or 8) and m to a multiple of
+    # VECTOR_WIDTH (4 or 8), using tiles two vectors wide and one narrow tile
+    # for the rest; the expansion takes TILE_ROWS rows of Q at a time. These
+    # sizes leave every kind of remainder (12291 = 3 chunks of 4097 rows, each
+    # ending with a short step) and none (K = 16, m = 24 and 8).
     rng = np.random.default_rng(size)
     Q = rng.normal(size=(size, rank)).astype(dtype)
     X = rng.normal(size=(size, width)).astype(dtype)
@@ -79,3 +84,17 @@ def test_float32_block_accumulates_in_float64():
     exact = size * np.float64(Q[0, 0]) * np.array([1.0, 2.0, 1.0])
     assert np.allclose(coefficients[0], exact, rtol=1e-9)
     assert np.array_equal(squared_norms, [size, 4 * size, size])
+
+
+def test_float32_expansion_accumulates_in_float64():
+    # Row i of Q C is 1 plus 300 terms of 1e-8: a float32 accumulator drops each
+    # small term against the 1 (float32 spacing at 1 is 1.2e-7) and returns 1.
+    size, rank = 40, 301
+    Q = np.full((size, rank), 1e-8, dtype=np.float32)
+    Q[:, 0] = 1.0
+    X = np.zeros((size, 16), dtype=np.float32)
+    out = np.empty_like(X)
+    _kernels.KERNELS["numba"]["expand"](Q, np.ones((rank, 16)), X, 0.0, out)
+    exact = 1.0 + 300 * np.float64(np.float32(1e-8))
+    assert np.allclose(out, np.float32(exact), rtol=0, atol=1e-7)
+    assert not np.any(out == 1.0)
