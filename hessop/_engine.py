@@ -68,6 +68,18 @@ def _unknown_axes(value: Any, axes: Sequence[int]) -> tf.TensorSpec | None:
     return tf.TensorSpec(shape, tensor.dtype)
 
 
+# Not converted by autograph: called while tracing, a converted warnings.warn
+# is reported at a line of autograph's generated code and shows that code.
+@tf.autograph.experimental.do_not_convert
+def _warn_loss_dtype(loss_dtype: tf.DType, param_dtype: tf.DType) -> None:
+    warnings.warn(
+        f"loss_fn returned {loss_dtype.name} while the parameters are {param_dtype.name}; "
+        "curvature is computed at the loss's precision. For Keras losses pass "
+        f"dtype='{param_dtype.name}'.",
+        stacklevel=1,  # this line: the traced caller's frames are autograph's
+    )
+
+
 class _TracedOnce:
     """A compiled per-batch function ``f(x, y[, vector])`` traced once for all shapes.
 
@@ -343,12 +355,7 @@ class Engine:
             raise TypeError(msg)
         if loss.dtype != self.dtype and not self._warned_dtype:
             self._warned_dtype = True
-            warnings.warn(
-                f"loss_fn returned {loss.dtype.name} while the parameters are {self.dtype.name}; "
-                "curvature is computed at the loss's precision. For Keras losses pass "
-                f"dtype='{self.dtype.name}'.",
-                stacklevel=2,
-            )
+            _warn_loss_dtype(loss.dtype, self.dtype)
         batch = _batch_size_of(x)
         rank = loss.shape.rank
         if rank == 0:

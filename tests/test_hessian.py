@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import keras
 import numpy as np
 import pytest
@@ -362,8 +364,12 @@ def test_generator_and_wrong_types_are_refused(mlp):
 def test_float32_loss_on_float64_model_warns():
     case = logistic_case(num_data=50)
     loss32 = keras.losses.BinaryCrossentropy(from_logits=True, reduction=None, dtype="float32")
-    with pytest.warns(UserWarning, match="precision"):
-        hessop.HessianOperator(case.model, loss32, (case.x, case.y))
+    with pytest.warns(UserWarning, match="precision") as record:
+        H = hessop.HessianOperator(case.model, loss32, (case.x, case.y))
+        H @ np.ones(H.shape[1])
+    # Once, and reported at hessop's line rather than in autograph's generated code.
+    assert len(record) == 1
+    assert record[0].filename.endswith(os.path.join("hessop", "_engine.py")), record[0].filename
 
 
 def test_mlp_case_is_not_at_a_stationary_point():
