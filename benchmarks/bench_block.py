@@ -6,7 +6,8 @@ For H, G and GGN: ``A @ V`` with V of shape (P, k) against k calls of
 most 0.6. "Hessian, XLA" is the same with ``jit_compile=True`` (both its
 block and its columns through XLA). Baseline in the same run: a hand-written
 reverse-over-reverse HVP in TF on tensors, k tangents through
-``tf.vectorized_map`` against k calls (the issue measured about 0.6 for that).
+``tf.vectorized_map`` against k calls (the issue measured about 0.6 for that),
+and the matmul FLOPs of that block against k single HVPs: the ratio's floor.
 
     python benchmarks/bench_block.py [--repeats 5] [--k 10]
 """
@@ -78,6 +79,42 @@ def main() -> None:
     chosen = operators["Hessian"]._engine._chosen_mode
     print(f"\nHessian HVP mode chosen by timing: {chosen}")
     print(table(["operator", "k", "A @ V median ms", "k × (A @ v) median ms", "block ÷ columns", "first block call ms (trace)"], rows))
+    # The arithmetic floor of the ratio: a block shares the forward pass and
+    # first gradient, but each tangent still costs its own matmuls.
+    xb, yb = batches[0]
+    single_flops = matmul_flops(hvp_one.get_concrete_function(xb, yb, [tf.zeros(v.shape) for v in variables]))
+    flop_rows = []
+    for k in args.k:
+        block_flops = matmul_flops(hvp_block.get_concrete_function(xb, yb, [tf.zeros((k, *v.shape)) for v in variables]))
+        flop_rows.append([k, round(single_flops / 1e6, 1), round(block_flops / 1e6, 1), round(block_flops / (k * single_flops), 3)])
+    print("\nmatmul work of the hand-written HVP per batch of 512 (ops the result depends on):")
+    print(table(["k", "one column MFLOP", "block MFLOP", "block ÷ k columns"], flop_rows))
+
+
+def matmul_flops(concrete: tf.types.experimental.ConcreteFunction) -> int:
+    """2·m·n·(inner) summed over the MatMul and BatchMatMul ops the outputs depend on.
+
+    Walks back from the outputs: pfor leaves the loop body it converted in the
+    graph, unused, and TF's own FLOP count would include it.
+    """
+    seen: set[str] = set()
+    stack = [t.op for t in concrete.outputs]
+    total = 0
+    while stack:
+        op = stack.pop()
+        if op.name in seen:
+            continue
+        seen.add(op.name)
+        stack.extend(t.op for t in op.inputs)
+        if op.type == "MatMul":
+            a, b = op.inputs[0].shape, op.inputs[1].shape
+            inner = a[0] if op.get_attr("transpose_a") else a[1]
+            total += 2 * int(np.prod(op.outputs[0].shape)) * int(inner)
+        elif op.type.startswith("BatchMatMul"):
+            a = op.inputs[0].shape
+            inner = a[-2] if op.get_attr("adj_x") else a[-1]
+            total += 2 * int(np.prod(op.outputs[0].shape)) * int(inner)
+    return total
 
 
 if __name__ == "__main__":
