@@ -107,13 +107,12 @@ def matmul_flops(concrete: tf.types.experimental.ConcreteFunction) -> int:
         seen.add(op.name)
         stack.extend(t.op for t in op.inputs)
         if op.type == "MatMul":
-            a, b = op.inputs[0].shape, op.inputs[1].shape
-            inner = a[0] if op.get_attr("transpose_a") else a[1]
-            total += 2 * int(np.prod(op.outputs[0].shape)) * int(inner)
+            inner = op.inputs[0].shape[0 if op.get_attr("transpose_a") else 1]
         elif op.type.startswith("BatchMatMul"):
-            a = op.inputs[0].shape
-            inner = a[-2] if op.get_attr("adj_x") else a[-1]
-            total += 2 * int(np.prod(op.outputs[0].shape)) * int(inner)
+            inner = op.inputs[0].shape[-2 if op.get_attr("adj_x") else -1]
+        else:
+            continue
+        total += 2 * int(np.prod(op.outputs[0].shape)) * int(inner)
     return total
 
 

@@ -32,7 +32,7 @@ import subprocess
 import sys
 import time
 
-from _common import machine_info, table
+from _common import machine_info, table, time_calls
 
 
 def build(num_data: int):
@@ -199,13 +199,8 @@ def hvp_flops_and_matmul_rates(num_data: int) -> dict:
     def matmul_rate(a_shape, b_shape, repeats=30):  # best of the repeats: what this shape can reach
         a, b = tf.random.normal(a_shape), tf.random.normal(b_shape)
         product = tf.function(lambda: tf.matmul(a, b))
-        product().numpy()
-        seconds = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            product().numpy()
-            seconds.append(time.perf_counter() - start)
-        return 2 * a_shape[0] * a_shape[1] * b_shape[1] / min(seconds)
+        best = time_calls(lambda: product().numpy(), repeats=repeats, warmup=1)["min"]
+        return 2 * a_shape[0] * a_shape[1] * b_shape[1] / best
 
     return {
         "flops_per_hvp": int(flops),
