@@ -11,10 +11,11 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+import contextlib  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
-from collections.abc import Callable, Sequence  # noqa: E402
+from collections.abc import Callable, Iterator, Sequence  # noqa: E402
 from typing import Any  # noqa: E402
 
 
@@ -128,3 +129,22 @@ def _fmt(value: Any) -> str:
 
 def ms(seconds: float) -> float:
     return round(seconds * 1e3, 2)
+
+
+@contextlib.contextmanager
+def tensorflow_pfor_rules() -> Iterator[None]:
+    """Operators traced inside this block use TensorFlow's pfor rules, not hessop's.
+
+    The engine enters ``hessop._pfor.pfor_rules`` while it traces a block
+    product; a no-op in its place gives the graph hessop built before that
+    module, for a side-by-side baseline. Only tracing is affected: call the
+    operator's block product once inside the block.
+    """
+    import hessop._engine as engine
+
+    rules = engine.pfor_rules
+    engine.pfor_rules = contextlib.nullcontext
+    try:
+        yield
+    finally:
+        engine.pfor_rules = rules

@@ -15,10 +15,12 @@ peak memory (max RSS) is its own:
 * ``per_column``: the seed paper's route, one HVP per column (P calls);
 * ``tf_hessians``: ``tf.hessians``-style per-variable blocks only (incomplete, for scale).
 
-Then, in fresh processes: the default block width against ``block_size=128``
-(interleaved), and the work of a dense Hessian (P times TF's op-level FLOP
-count of one full-data HVP) turned into GFLOP/s for each route, next to the
-rate of a TF matmul of the first layer's shape.
+Then, in fresh processes: ``to_dense()`` (timed widths) against
+``block_size=128``, against the same traced with TensorFlow's pfor rules
+instead of hessop's (see ``hessop/_pfor.py``), and against ``jacobian``, all
+in one process and interleaved; and the work of a dense Hessian (P times
+TF's op-level FLOP count of one full-data HVP) turned into GFLOP/s for each
+route, next to the rate of a TF matmul of the first layer's shape.
 
     python benchmarks/bench_dense.py [--num-data 512] [--memory-limit-gb 16] [--methods ...]
 """
@@ -32,7 +34,7 @@ import subprocess
 import sys
 import time
 
-from _common import machine_info, table, time_calls
+from _common import machine_info, table, tensorflow_pfor_rules, time_calls
 
 
 def build(num_data: int):
@@ -62,6 +64,26 @@ def most_used(widths: list[int]) -> int:
     return max(set(widths), key=widths.count)
 
 
+def jacobian_hessian(model, loss_fn, x, y):
+    """``GradientTape.jacobian`` of the full-data gradient (pfor over all P columns), as a numpy-returning call."""
+    import numpy as np
+    import tensorflow as tf
+
+    variables = [v.value for v in model.trainable_variables]
+    P = sum(int(np.prod(v.shape)) for v in variables)
+
+    @tf.function
+    def hessian():
+        with tf.GradientTape() as outer:
+            with tf.GradientTape() as inner:
+                loss = tf.reduce_mean(loss_fn(y, model(x, training=False)))
+            grad = tf.concat([tf.reshape(g, [-1]) for g in inner.gradient(loss, variables)], 0)
+        blocks = outer.jacobian(grad, variables)
+        return tf.concat([tf.reshape(b, (P, -1)) for b in blocks], axis=1)
+
+    return lambda: hessian().numpy()
+
+
 def run_method(method: str, num_data: int) -> dict:
     import numpy as np
     import tensorflow as tf
@@ -85,18 +107,7 @@ def run_method(method: str, num_data: int) -> dict:
         def compute():
             return H.to_dense(block_size=block_size)
     elif method == "jacobian":
-
-        @tf.function
-        def hessian():
-            with tf.GradientTape() as outer:
-                with tf.GradientTape() as inner:
-                    loss = mean_loss()
-                grad = tf.concat([tf.reshape(g, [-1]) for g in inner.gradient(loss, variables)], 0)
-            blocks = outer.jacobian(grad, variables)
-            return tf.concat([tf.reshape(b, (P, -1)) for b in blocks], axis=1)
-
-        def compute():
-            return hessian().numpy()
+        compute = jacobian_hessian(model, loss_fn, x, y)
 
     elif method == "per_column":
 
@@ -150,8 +161,14 @@ def run_method(method: str, num_data: int) -> dict:
     return {"method": method, "seconds": elapsed, "second": second, "peak_gb": peak_gb, "P": P, "checksum": checksum, "mode": mode, "width": width}
 
 
-def compare_widths(num_data: int, rounds: int = 5) -> dict:
-    """In one process: to_dense() (timed block widths) vs to_dense(block_size=128), interleaved."""
+def compare_in_one_process(num_data: int, rounds: int = 5) -> dict:
+    """In one process, interleaved: to_dense() against its variants and against ``jacobian``.
+
+    Variants, all ``hvp_mode="reverse"``: the timed default widths;
+    ``block_size=128``; and the default with the block products traced under
+    TensorFlow's own pfor rules instead of hessop's (see
+    ``hessop/_pfor.py``), which is what to_dense cost before that module.
+    """
     import numpy as np
 
     import hessop
@@ -159,17 +176,28 @@ def compare_widths(num_data: int, rounds: int = 5) -> dict:
     model, loss_fn, x, y = build(num_data)
     H = hessop.HessianOperator(model, loss_fn, (x, y), hvp_mode="reverse")
     widths = record_block_widths(H)
-    H.to_dense(block_size=128)  # trace and warm up both ways
+    H.to_dense(block_size=128)  # trace and warm up both widths
     H.to_dense()
-    seconds: dict[str, list[float]] = {"default (timed widths)": [], "block_size=128": []}
+    H_tf_rules = hessop.HessianOperator(model, loss_fn, (x, y), hvp_mode="reverse")
+    with tensorflow_pfor_rules():  # the block product is traced here
+        H_tf_rules.to_dense()
+    jacobian = jacobian_hessian(model, loss_fn, x, y)
+    jacobian()
+    calls = {
+        "to_dense() (timed widths)": lambda: H.to_dense(),
+        "to_dense(block_size=128)": lambda: H.to_dense(block_size=128),
+        "to_dense(), TF's pfor rules": H_tf_rules.to_dense,
+        "jacobian": jacobian,
+    }
+    seconds: dict[str, list[float]] = {name: [] for name in calls}
     chosen = []
     for _ in range(rounds):
-        for name, samples in seconds.items():
+        for name, call in calls.items():
             widths.clear()
             start = time.perf_counter()
-            H.to_dense(block_size=None if name.startswith("default") else 128)
-            samples.append(time.perf_counter() - start)
-            if name.startswith("default"):
+            call()
+            seconds[name].append(time.perf_counter() - start)
+            if name.endswith("(timed widths)"):
                 chosen.append(most_used(widths))
     return {"median": {k: float(np.median(v)) for k, v in seconds.items()}, "chosen": chosen}
 
@@ -234,7 +262,7 @@ def main() -> None:
     if args.child:
         limit = int(args.memory_limit_gb * 2**30)
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-        helpers = {"compare_widths": compare_widths, "throughput": hvp_flops_and_matmul_rates}
+        helpers = {"compare_in_one_process": compare_in_one_process, "throughput": hvp_flops_and_matmul_rates}
         result = helpers.get(args.child, lambda n: run_method(args.child, n))(args.num_data)
         print(json.dumps(result))
         return
@@ -280,16 +308,15 @@ def main() -> None:
     headers = ["method", "block HVP mode", "block width", "first call s (incl. tracing)", "÷ hessop", "second call s", "÷ hessop", "peak RSS GiB", "agrees with hessop"]
     print(table(headers, rows))
     print("(tf_hessians computes only the per-variable diagonal blocks: it is not the full Hessian.)")
-    # Block widths side by side in one process (process-to-process noise on a
-    # shared machine is as large as the difference).
-    widths = run_child("compare_widths", args.num_data)
-    print("\nto_dense, hvp_mode='reverse', one process, 5 interleaved rounds after warm-up:")
-    default, fixed = widths["median"]["default (timed widths)"], widths["median"]["block_size=128"]
-    print(table(
-        ["to_dense", "median s", "÷ block_size=128"],
-        [["default (timed widths)", round(default, 2), round(default / fixed, 2)], ["block_size=128", round(fixed, 2), 1.0]],
-    ))
-    print(f"widths chosen in the five rounds: {widths['chosen']}")
+    # Block widths, pfor rules and jacobian side by side in one process
+    # (process-to-process noise on a shared machine is as large as the
+    # differences).
+    same = run_child("compare_in_one_process", args.num_data)
+    print("\nhvp_mode='reverse', one process, 5 interleaved rounds after warm-up:")
+    medians = same["median"]
+    default = medians["to_dense() (timed widths)"]
+    print(table(["dense Hessian", "median s", "÷ to_dense()"], [[name, round(sec, 2), round(sec / default, 2)] for name, sec in medians.items()]))
+    print(f"widths chosen in the five rounds: {same['chosen']}")
     # Work and throughput: every HVP route does P full-data HVPs, so the
     # achieved rate says how far a generic route could still go.
     work = run_child("throughput", args.num_data)
@@ -297,8 +324,8 @@ def main() -> None:
     print(f"\nwork: {work['flops_per_hvp'] / 1e6:.1f} MFLOP per full-data HVP (TF's op count) × P = {total / 1e9:.0f} GFLOP")
     print(f"TF float32 matmul here (best of 30): {work['matmul_layer_shape'] / 1e9:.0f} GFLOP/s at ({args.num_data} × 64)·(64 × 4096), "
           f"{work['matmul_2048'] / 1e9:.0f} GFLOP/s at 2048³")
-    timings = {"hessop default, one process (median above)": default}
-    timings.update({f"{m}, second call": r["second"] for m, r in results.items() if m in ("jacobian", "per_column")})
+    timings = {"hessop to_dense(), one process (median above)": default, "jacobian, one process (median above)": medians["jacobian"]}
+    timings.update({f"{m}, second call": r["second"] for m, r in results.items() if m == "per_column"})
     print(table(
         ["dense Hessian", "s", "GFLOP/s", "÷ layer-shape matmul rate"],
         [[name, round(sec, 2), round(total / sec / 1e9), round(total / sec / work["matmul_layer_shape"], 2)] for name, sec in timings.items()],

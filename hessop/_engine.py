@@ -7,7 +7,9 @@ weighting.
 
 Each product is written once, for a single flat vector ``v``; its block
 version (k vectors, one pass over the batch) is the same function under
-``tf.vectorized_map``, which batches the tangents instead of looping.
+``tf.vectorized_map``, which batches the tangents instead of looping (with
+broadcasting ops in place of pfor's transposes and tiles, see
+:mod:`hessop._pfor`).
 
 Products, for a batch with per-example losses ℓ_b and outputs f_b (B×C):
 
@@ -37,6 +39,7 @@ import numpy as np
 import tensorflow as tf
 
 from hessop._params import resolve_params
+from hessop._pfor import pfor_rules
 
 try:
     import keras
@@ -261,7 +264,9 @@ class Engine:
             else:
 
                 def fn(x: Any, y: Any, block: tf.Tensor) -> tf.Tensor:
-                    return tf.vectorized_map(lambda v: single(x, y, v), block)
+                    # This body runs only while tf.function traces it.
+                    with pfor_rules():
+                        return tf.vectorized_map(lambda v: single(x, y, v), block)
 
             self._compiled[key] = _TracedOnce(
                 self._compile(fn), block=kind == "block", per_example_vector=name in _PER_EXAMPLE_INPUTS
