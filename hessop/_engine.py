@@ -9,7 +9,10 @@ Each product is written once, for a single flat vector ``v``; its block
 version (k vectors, one pass over the batch) is the same function under
 ``tf.vectorized_map``, which batches the tangents instead of looping (with
 broadcasting ops in place of pfor's transposes and tiles, see
-:mod:`hessop._pfor`).
+:mod:`hessop._pfor`). Where TensorFlow cannot do that (pfor has no rule for
+an op's derivative, as through a Keras RNN's while loop), the block loops
+over its vectors with ``tf.map_fn``; where forward mode cannot pass the
+model, Jacobian-vector products come from two reverse passes. Both warn once.
 
 Products, for a batch with per-example losses ℓ_b and outputs f_b (B×C):
 
@@ -29,6 +32,7 @@ name               input          output      value
 
 from __future__ import annotations
 
+import re
 import statistics
 import time
 import warnings
@@ -58,6 +62,10 @@ _MODE_TIMING_ROUNDS = (5, 15)
 _MODE_TIMING_SECONDS = 0.25
 # Products whose vector has one entry per example (or per output) of the batch.
 _PER_EXAMPLE_INPUTS = frozenset({"vjp_loss", "vjp_outputs"})
+# What TensorFlow raises while tracing when forward mode has no rule for an
+# op, or pfor cannot convert one (e.g. second derivatives through the
+# while loop of a Keras RNN layer).
+_TRACE_ERRORS = (NotImplementedError, LookupError, TypeError, ValueError)
 
 
 def _unknown_axes(value: Any, axes: Sequence[int]) -> tf.TensorSpec | None:
@@ -74,13 +82,27 @@ def _unknown_axes(value: Any, axes: Sequence[int]) -> tf.TensorSpec | None:
 # Not converted by autograph: called while tracing, a converted warnings.warn
 # is reported at a line of autograph's generated code and shows that code.
 @tf.autograph.experimental.do_not_convert
+def _warn_while_tracing(message: str) -> None:
+    """A UserWarning from traced code, attributed to this line (the traced caller's frames are autograph's)."""
+    warnings.warn(message, stacklevel=1)
+
+
 def _warn_loss_dtype(loss_dtype: tf.DType, param_dtype: tf.DType) -> None:
-    warnings.warn(
+    _warn_while_tracing(
         f"loss_fn returned {loss_dtype.name} while the parameters are {param_dtype.name}; "
         "curvature is computed at the loss's precision. For Keras losses pass "
-        f"dtype='{param_dtype.name}'.",
-        stacklevel=1,  # this line: the traced caller's frames are autograph's
+        f"dtype='{param_dtype.name}'."
     )
+
+
+def _error_summary(error: BaseException) -> str:
+    """The line of a TF/Keras tracing error that says what went wrong (they end in call context)."""
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(error).splitlines()]
+    lines = [line for line in lines if line and "in user code" not in line]
+    errors = [line for line in lines if "rror" in line]
+    summary = (errors or lines or ["no message"])[-1]
+    summary = summary.removeprefix(f"{type(error).__name__}: ")
+    return f"{type(error).__name__}: {summary[:200]}"
 
 
 class _TracedOnce:
@@ -246,6 +268,10 @@ class Engine:
             "vjp_outputs": self._vjp_outputs,
         }
         self._compiled: dict[tuple[str, str], Callable[..., tf.Tensor]] = {}
+        # Set on the first trace that needed them, so later traces skip the attempt.
+        self._looped_blocks: set[str] = set()
+        self._forward_mode_unavailable = False
+        self._forward_mode_reason = ""
 
     def _compile(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         # reduce_retracing: a short last batch relaxes the batch dimension once
@@ -265,8 +291,24 @@ class Engine:
 
                 def fn(x: Any, y: Any, block: tf.Tensor) -> tf.Tensor:
                     # This body runs only while tf.function traces it.
-                    with pfor_rules():
-                        return tf.vectorized_map(lambda v: single(x, y, v), block)
+                    if name not in self._looped_blocks:
+                        try:
+                            with pfor_rules():
+                                return tf.vectorized_map(lambda v: single(x, y, v), block)
+                        except _TRACE_ERRORS as error:
+                            reason = error
+                    # pfor could not convert an op: loop over the k vectors in
+                    # the graph instead (still one data pass per block). An
+                    # error of the model or loss itself is raised again here.
+                    looped = tf.map_fn(lambda v: single(x, y, v), block)
+                    if name not in self._looped_blocks:
+                        self._looped_blocks.add(name)
+                        _warn_while_tracing(
+                            f"block products ({name}) of this model cannot be vectorised by tf.vectorized_map "
+                            f"({_error_summary(reason)}); hessop loops over the vectors of a block instead, "
+                            "so a block costs about as much as that many single products."
+                        )
+                    return looped
 
             self._compiled[key] = _TracedOnce(
                 self._compile(fn), block=kind == "block", per_example_vector=name in _PER_EXAMPLE_INPUTS
@@ -287,14 +329,18 @@ class Engine:
     def _choose_mode(self, kind: str, x: Any, y: Any, probe: tf.Tensor) -> str:
         candidates: dict[str, Callable[..., tf.Tensor]] = {}
         for mode in ("reverse", "forward"):
+            if mode == "forward" and self._forward_mode_unavailable:
+                continue  # found (and reported) while tracing the other kind
             fn = self.function(f"hvp_{mode}", kind)
             try:
                 fn(x, y, probe).numpy()  # trace
-            except (NotImplementedError, LookupError, TypeError, ValueError) as err:
+            except _TRACE_ERRORS as err:
                 if mode == "reverse":
                     raise
                 # Some ops have no forward-mode rule; reverse-over-reverse always works.
-                warnings.warn(f"forward-over-reverse HVP unavailable ({err}); using reverse-over-reverse.", stacklevel=3)
+                self._forward_mode_unavailable = True
+                reason = self._forward_mode_reason or _error_summary(err)
+                warnings.warn(f"forward-over-reverse HVP unavailable ({reason}); using reverse-over-reverse.", stacklevel=3)
                 continue
             fn(x, y, probe).numpy()  # the first runs of a new graph are slower
             candidates[mode] = fn
@@ -397,12 +443,56 @@ class Engine:
     def _gradient_parts(self, tape: tf.GradientTape, target: tf.Tensor, output_gradients: Any = None) -> list[tf.Tensor]:
         return _dense(tape.gradient(target, self.variables, output_gradients=output_gradients, unconnected_gradients=_ZERO))
 
+    def _linearize(self, compute: Callable[[], Any], v: tf.Tensor) -> tuple[Any, Any]:
+        """``compute()`` and its Jacobian-vector product along the flat ``v``.
+
+        Forward mode (``ForwardAccumulator``) where TensorFlow has forward
+        rules for every op; otherwise, e.g. through the while loop of a Keras
+        RNN layer, the same product from two reverse passes: J v is the
+        gradient of ⟨Jᵀu, v⟩ with respect to u (about twice the cost).
+        Tapes outside this call record ``compute()`` either way.
+        """
+        tangents = self.split(v)
+        if not self._forward_mode_unavailable:
+            try:
+                with tf.autodiff.ForwardAccumulator(self.variables, tangents) as acc:
+                    value = compute()
+                return value, acc.jvp(value, unconnected_gradients=_ZERO)
+            except _TRACE_ERRORS as error:
+                self._forward_mode_reason = _error_summary(error)
+        with tf.GradientTape() as dual:
+            with tf.GradientTape() as primal:
+                value = compute()
+            cotangent = tf.nest.map_structure(tf.zeros_like, value)
+            dual.watch(cotangent)
+            vjp = self._gradient_parts(primal, value, cotangent)
+            dot = tf.add_n([tf.reduce_sum(g * t) for g, t in zip(vjp, tangents)])
+        jvp = dual.gradient(dot, cotangent, unconnected_gradients=_ZERO)
+        if not self._forward_mode_unavailable:
+            self._forward_mode_unavailable = True
+            _warn_while_tracing(
+                f"forward-mode Jacobian-vector products are unavailable for this model ({self._forward_mode_reason}); "
+                "hessop computes them with two reverse passes instead."
+            )
+        return value, jvp
+
     # -- Hessian-vector products (traced) ---------------------------------------
     def _hvp_forward(self, x: Any, y: Any, v: tf.Tensor) -> tf.Tensor:
-        with tf.autodiff.ForwardAccumulator(self.variables, self.split(v)) as acc:
-            with tf.GradientTape() as tape:
-                loss = self._loss_sum(x, y)
-            grads = self._gradient_parts(tape, loss)
+        try:
+            with tf.autodiff.ForwardAccumulator(self.variables, self.split(v)) as acc:
+                with tf.GradientTape() as tape:
+                    loss = self._loss_sum(x, y)
+                grads = self._gradient_parts(tape, loss)
+        except _TRACE_ERRORS as error:
+            # A mistake in the model or loss fails the same way without the
+            # accumulator: raise that one as it is.
+            self._loss_sum(x, y)
+            self._forward_mode_reason = _error_summary(error)
+            msg = (
+                "hvp_mode='forward': forward-mode autodiff is unavailable for this model "
+                f"({self._forward_mode_reason}); use hvp_mode='reverse' or 'auto'."
+            )
+            raise ValueError(msg) from error
         return self.concat(acc.jvp(grads, unconnected_gradients=_ZERO))
 
     def _hvp_reverse(self, x: Any, y: Any, v: tf.Tensor) -> tf.Tensor:
@@ -416,9 +506,7 @@ class Engine:
 
     # -- per-example loss Jacobian (traced) -----------------------------------------
     def _jvp_loss(self, x: Any, y: Any, v: tf.Tensor) -> tf.Tensor:
-        with tf.autodiff.ForwardAccumulator(self.variables, self.split(v)) as acc:
-            losses = self._per_example_loss(x, y, strict=True)
-        return acc.jvp(losses, unconnected_gradients=_ZERO)
+        return self._linearize(lambda: self._per_example_loss(x, y, strict=True), v)[1]
 
     def _vjp_loss(self, x: Any, y: Any, u: tf.Tensor) -> tf.Tensor:
         with tf.GradientTape() as tape:
@@ -428,9 +516,7 @@ class Engine:
     def _opg(self, x: Any, y: Any, v: tf.Tensor) -> tf.Tensor:
         # One forward pass carries both modes: J v forward, then J^T (J v) backward.
         with tf.GradientTape() as tape:
-            with tf.autodiff.ForwardAccumulator(self.variables, self.split(v)) as acc:
-                losses = self._per_example_loss(x, y, strict=True)
-            jv = acc.jvp(losses, unconnected_gradients=_ZERO)
+            losses, jv = self._linearize(lambda: self._per_example_loss(x, y, strict=True), v)
         return self.concat(self._gradient_parts(tape, losses, tf.stop_gradient(jv)))
 
     def _per_example_gradients(self, x: Any, y: Any) -> tf.Tensor:
@@ -443,9 +529,7 @@ class Engine:
 
     # -- output Jacobian and GGN (traced) -------------------------------------------
     def _jvp_outputs(self, x: Any, y: Any, v: tf.Tensor) -> tf.Tensor:
-        with tf.autodiff.ForwardAccumulator(self.variables, self.split(v)) as acc:
-            outputs = self._outputs(x)
-        return tf.reshape(acc.jvp(outputs, unconnected_gradients=_ZERO), [-1])
+        return tf.reshape(self._linearize(lambda: self._outputs(x), v)[1], [-1])
 
     def _vjp_outputs(self, x: Any, y: Any, u: tf.Tensor) -> tf.Tensor:
         with tf.GradientTape() as tape:
@@ -455,9 +539,7 @@ class Engine:
 
     def _ggn(self, x: Any, y: Any, v: tf.Tensor) -> tf.Tensor:
         with tf.GradientTape() as tape:
-            with tf.autodiff.ForwardAccumulator(self.variables, self.split(v)) as acc:
-                predictions = self._call_model(x)
-            jv = acc.jvp(predictions, unconnected_gradients=_ZERO)
+            predictions, jv = self._linearize(lambda: self._call_model(x), v)
         # Hessian of the summed loss w.r.t. the outputs, times J v. Losses are
         # separable over examples, so this is the per-example Hessian blocks at once.
         fixed = tf.stop_gradient(predictions)

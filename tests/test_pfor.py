@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -11,6 +12,7 @@ from tensorflow.python.ops.parallel_for import pfor as tf_pfor
 
 from hessop import HessianOperator, _pfor
 from hessop._pfor import pfor_rules
+from conftest import Case, dense_hessian
 
 K = 3
 RNG = np.random.default_rng(0)
@@ -184,3 +186,27 @@ def test_block_product_leaves_tensorflow_rules_in_place(mlp):
     V = RNG.normal(size=(H.shape[0], 3))
     np.testing.assert_allclose(H.matmat(V), np.column_stack([H.matvec(v) for v in V.T]), rtol=1e-12, atol=1e-12)
     assert tf_pfor._pfor_converter_registry == original
+
+
+def activation_case(activation: str) -> Case:
+    """A tiny float64 MLP whose second backward pass has ReluGrad or SigmoidGrad."""
+    keras.utils.set_random_seed(5)
+    rng = np.random.default_rng(5)
+    model = keras.Sequential(
+        [
+            keras.Input((3,), dtype="float64"),
+            keras.layers.Dense(4, activation=activation, dtype="float64"),
+            keras.layers.Dense(3, dtype="float64"),
+        ]
+    )
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None, dtype="float64")
+    return Case(activation, model, loss, rng.normal(size=(12, 3)), rng.integers(0, 3, size=12))
+
+
+@pytest.mark.parametrize("activation", ["relu", "sigmoid"])
+@pytest.mark.parametrize("hvp_mode", ["reverse", "forward"])
+def test_block_products_through_the_rules_match_a_dense_hessian(activation, hvp_mode):
+    case = activation_case(activation)
+    H = HessianOperator(case.model, case.loss_fn, (case.x, case.y), batch_size=5, hvp_mode=hvp_mode)
+    V = RNG.normal(size=(H.shape[0], 4))
+    np.testing.assert_allclose(H.matmat(V), dense_hessian(case) @ V, rtol=1e-10, atol=1e-12)

@@ -1,0 +1,84 @@
+"""The engine's fallbacks, on a model where TensorFlow's fast paths fail: a Keras RNN layer.
+
+Forward-mode autodiff cannot pass the while loop of a Keras ``SimpleRNN``
+(its captured variables have no handle data), and pfor cannot vectorise the
+second derivative through it. Every operator must still give the products of
+the dense references, with a warning that says what it does instead.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import keras
+import numpy as np
+import pytest
+
+from conftest import Case, dense_ggn, dense_hessian, dense_output_jacobian, dense_per_example_gradients
+from hessop import GGNOperator, HessianOperator, JacobianOperator, OPGOperator
+
+RNG = np.random.default_rng(7)
+NOT_VECTORISED = "cannot be vectorised"
+TWO_REVERSE_PASSES = "two reverse passes"
+
+
+@pytest.fixture(scope="module")
+def rnn() -> Case:
+    keras.utils.set_random_seed(6)
+    rng = np.random.default_rng(6)
+    model = keras.Sequential(
+        [keras.Input((4, 2), dtype="float64"), keras.layers.SimpleRNN(3, dtype="float64"), keras.layers.Dense(3, dtype="float64")]
+    )
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None, dtype="float64")
+    return Case("rnn", model, loss, rng.normal(size=(12, 4, 2)), rng.integers(0, 3, size=12))
+
+
+def check(operator, dense: np.ndarray, *, looped: bool = True) -> None:
+    """Matvec and a block of 3 against ``dense``; whether the block warned that it loops."""
+    vector = RNG.normal(size=dense.shape[1])
+    block = RNG.normal(size=(dense.shape[1], 3))
+    np.testing.assert_allclose(operator.matvec(vector), dense @ vector, rtol=1e-10, atol=1e-12)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        np.testing.assert_allclose(operator.matmat(block), dense @ block, rtol=1e-10, atol=1e-12)
+    assert any(NOT_VECTORISED in str(w.message) for w in caught) == looped
+
+
+def test_hessian_reverse_loops_over_a_block_that_pfor_cannot_vectorise(rnn):
+    H = HessianOperator(rnn.model, rnn.loss_fn, (rnn.x, rnn.y), batch_size=5, hvp_mode="reverse")
+    check(H, dense_hessian(rnn))
+
+
+def test_hessian_auto_keeps_reverse_when_forward_mode_fails(rnn):
+    H = HessianOperator(rnn.model, rnn.loss_fn, (rnn.x, rnn.y), batch_size=5, hvp_mode="auto")
+    with pytest.warns(UserWarning, match="forward-over-reverse HVP unavailable"):
+        check(H, dense_hessian(rnn))
+    assert H._engine._chosen_mode == {"single": "reverse", "block": "reverse"}
+
+
+def test_hessian_forward_names_the_mode_when_forward_mode_fails(rnn):
+    H = HessianOperator(rnn.model, rnn.loss_fn, (rnn.x, rnn.y), batch_size=5, hvp_mode="forward")
+    with pytest.raises(ValueError, match=r"hvp_mode='forward'.*use hvp_mode='reverse'"):
+        H.matvec(np.ones(H.shape[0]))
+
+
+def dense_opg(case: Case) -> np.ndarray:
+    gradients = dense_per_example_gradients(case)
+    return gradients.T @ gradients / case.num_data
+
+
+@pytest.mark.parametrize(
+    ("make", "reference", "looped"),
+    [
+        (lambda c: GGNOperator(c.model, c.loss_fn, (c.x, c.y), batch_size=5), dense_ggn, True),
+        (lambda c: OPGOperator(c.model, c.loss_fn, (c.x, c.y), batch_size=5), dense_opg, True),
+        (lambda c: JacobianOperator(c.model, c.loss_fn, (c.x, c.y), batch_size=5), dense_per_example_gradients, True),
+        # A first derivative through the loop: pfor vectorises its block.
+        (lambda c: JacobianOperator(c.model, None, (c.x, c.y), batch_size=5, target="outputs"), dense_output_jacobian, False),
+    ],
+    ids=["ggn", "opg", "jacobian-loss", "jacobian-outputs"],
+)
+def test_jacobian_vector_products_from_two_reverse_passes_when_forward_mode_fails(rnn, make, reference, looped):
+    operator = make(rnn)
+    with pytest.warns(UserWarning, match=TWO_REVERSE_PASSES):
+        check(operator, reference(rnn), looped=looped)
