@@ -6,8 +6,9 @@ over the same batches, and hand-written reverse-over-reverse and
 forward-over-reverse HVPs. The Hessian rows include XLA-compiled products
 (``jit_compile=True``; their first call includes XLA compilation). Also:
 per-call Python overhead of the scipy path (matvec through scipy vs the
-engine's per-batch functions called directly), and matvec time vs N (should
-be linear).
+engine's per-batch functions called directly), one batch of per-example
+gradients against ``tape.jacobian`` by hand, and matvec time vs N (should be
+linear).
 
     python benchmarks/bench_hvp.py [--repeats 7]
 """
@@ -18,7 +19,7 @@ import argparse
 import statistics
 import time
 
-from _common import interleaved, machine_info, ms, table
+from _common import interleaved, machine_info, ms, table, tensorflow_pfor_rules
 
 import numpy as np
 import tensorflow as tf
@@ -160,6 +161,8 @@ def main() -> None:
         ratios.append(scipy_path / engine)
     print(f"the same, median of 25 back-to-back pairs: {statistics.median(ratios) - 1:+.1%}")
 
+    per_example_table(model, loss_fn, x[:bs], y[:bs], gradient, repeats=args.repeats)
+
     # Linear in N?
     rows = []
     for num_data in (512, 1024, 2048, 4096):
@@ -169,6 +172,44 @@ def main() -> None:
         rows.append([num_data, ms(r["median"]), round(r["median"] / num_data * 1e6, 2)])
     print("\nHessian matvec vs N (batch 512):")
     print(table(["N", "median ms", "µs per example"], rows))
+
+
+def per_example_table(model: keras.Model, loss_fn, x: np.ndarray, y: np.ndarray, gradient, *, repeats: int) -> None:
+    """One batch of per-example gradients (B × P, numpy out): hessop against ``tape.jacobian`` by hand.
+
+    Both are pfor over the batch; the hessop engine traces it with its own
+    pfor rules (``hessop/_pfor.py``), and the third row is hessop traced with
+    TensorFlow's rules instead. The batch gradient is the unit.
+    """
+    variables = [v.value for v in model.trainable_variables]
+    xb, yb = tf.constant(x), tf.constant(y)
+
+    @tf.function
+    def by_hand(xb, yb):
+        with tf.GradientTape() as tape:
+            losses = loss_fn(yb, model(xb, training=False))
+        blocks = tape.jacobian(losses, variables, experimental_use_pfor=True)
+        return tf.concat([tf.reshape(b, (tf.shape(losses)[0], -1)) for b in blocks], axis=1)
+
+    hessop_rules = hessop.OPGOperator(model, loss_fn, (x, y), batch_size=len(x))
+    tf_rules = hessop.OPGOperator(model, loss_fn, (x, y), batch_size=len(x))
+    with tensorflow_pfor_rules():  # its per-example gradients are traced here
+        next(iter(tf_rules.per_example_gradients()))
+    fns = {
+        "batch gradient (unit)": lambda: gradient(xb, yb)[0].numpy(),
+        "tape.jacobian by hand (TF's pfor rules)": lambda: by_hand(xb, yb).numpy(),
+        "hessop per_example_gradients()": lambda: next(iter(hessop_rules.per_example_gradients())),
+        "hessop, TF's pfor rules": lambda: next(iter(tf_rules.per_example_gradients())),
+    }
+    results = interleaved(fns, repeats=repeats)
+    unit = results["batch gradient (unit)"]["median"]
+    by_hand_median = results["tape.jacobian by hand (TF's pfor rules)"]["median"]
+    rows = [
+        [name, ms(r["median"]), ms(r["min"]), round(r["median"] / unit, 1), round(r["median"] / by_hand_median, 2)]
+        for name, r in results.items()
+    ]
+    print(f"\nper-example gradients of one batch ({len(x)} × {sum(int(np.prod(v.shape)) for v in variables):,}, float32, numpy out):")
+    print(table(["operation", "median ms", "min ms", "÷ batch gradient", "÷ by hand"], rows))
 
 
 if __name__ == "__main__":

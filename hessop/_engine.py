@@ -523,7 +523,8 @@ class Engine:
         """(B, P) per-example gradients, vectorized by the tape's pfor Jacobian."""
         with tf.GradientTape() as tape:
             losses = self._per_example_loss(x, y, strict=True)
-        blocks = tape.jacobian(losses, self.variables, unconnected_gradients=_ZERO, experimental_use_pfor=True)
+        with pfor_rules():  # traced only, as the block products
+            blocks = tape.jacobian(losses, self.variables, unconnected_gradients=_ZERO, experimental_use_pfor=True)
         batch = tf.shape(losses)[0]
         return tf.concat([tf.reshape(b, (batch, -1)) for b in blocks], axis=1)
 

@@ -10,9 +10,9 @@ import pytest
 import tensorflow as tf
 from tensorflow.python.ops.parallel_for import pfor as tf_pfor
 
-from hessop import HessianOperator, _pfor
+from hessop import HessianOperator, _pfor, per_example_gradients
 from hessop._pfor import pfor_rules
-from conftest import Case, dense_hessian
+from conftest import Case, dense_hessian, dense_per_example_gradients
 
 K = 3
 RNG = np.random.default_rng(0)
@@ -180,11 +180,14 @@ def test_tensorflow_rules_are_restored_after_errors_nesting_and_threads():
     assert tf_pfor._pfor_converter_registry == original
 
 
-def test_block_product_leaves_tensorflow_rules_in_place(mlp):
+def test_block_product_and_per_example_gradients_leave_tensorflow_rules_in_place(mlp):
     original = dict(tf_pfor._pfor_converter_registry)
     H = HessianOperator(mlp.model, mlp.loss_fn, (mlp.x, mlp.y), hvp_mode="reverse")
     V = RNG.normal(size=(H.shape[0], 3))
     np.testing.assert_allclose(H.matmat(V), np.column_stack([H.matvec(v) for v in V.T]), rtol=1e-12, atol=1e-12)
+    assert tf_pfor._pfor_converter_registry == original
+    rows = per_example_gradients(mlp.model, mlp.loss_fn, (mlp.x, mlp.y), batch_size=16, concatenate=True)
+    np.testing.assert_allclose(rows, dense_per_example_gradients(mlp), rtol=1e-10, atol=1e-12)
     assert tf_pfor._pfor_converter_registry == original
 
 
