@@ -5,10 +5,11 @@ N = 512, float32, P = 4,810. Methods, each in its own subprocess so that its
 peak memory (max RSS) is its own:
 
 * ``hessop``: ``HessianOperator.to_dense`` (batched HVPs) with its defaults:
-  ``hvp_mode="auto"`` (its first block product traces and times both HVP
+  ``hvp_mode="auto"`` (reverse-over-reverse until its products have taken
+  4 × as long as tracing it, then a search that traces and times both
   modes) and block widths of 16, 32, 64 and 128 columns tried on the first
   columns, the fastest kept for the rest;
-* ``hessop_reverse``: the same with ``hvp_mode="reverse"`` (no mode search);
+* ``hessop_reverse``: the same with ``hvp_mode="reverse"`` (never searches);
 * ``hessop_reverse_128``: ``hvp_mode="reverse"`` and a fixed ``block_size=128``
   (the default before session 5);
 * ``jacobian``: ``GradientTape.jacobian`` of the full-data gradient (pfor over all P);
@@ -154,9 +155,13 @@ def run_method(method: str, num_data: int) -> dict:
     second = time.perf_counter() - start
     checksum = float(np.sum(dense[0] if isinstance(dense, list) else dense[:, :10]))
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    # The block-HVP mode hessop used (auto: chosen by timing both on 4 columns),
-    # and the block width of most of its products (default: chosen by timing).
-    mode = H._engine._chosen_mode.get("block", H._engine.hvp_mode) if H is not None else "-"
+    # The block-HVP mode hessop used (auto: reverse until its products paid
+    # for a mode search), and the block width of most of its products
+    # (default: chosen by timing).
+    mode = "-"
+    if H is not None:
+        searched = H._engine.hvp_mode != "auto" or "block" in H._engine.timings
+        mode = H._engine.hvp_mode_in_use("block") + ("" if searched else " (auto, no search)")
     width = most_used(widths) if widths else "-"
     return {"method": method, "seconds": elapsed, "second": second, "peak_gb": peak_gb, "P": P, "checksum": checksum, "mode": mode, "width": width}
 

@@ -26,6 +26,7 @@ import tensorflow as tf
 import keras
 
 import hessop
+from hessop import _engine
 
 
 def mlp(seed: int = 0) -> keras.Model:
@@ -109,6 +110,7 @@ def main() -> None:
     H_fwd_xla = hessop.HessianOperator(model, loss_fn, (x, y), batch_size=bs, hvp_mode="forward", jit_compile=True)
     H_rev_xla = hessop.HessianOperator(model, loss_fn, (x, y), batch_size=bs, hvp_mode="reverse", jit_compile=True)
     row_vector = np.random.default_rng(2).normal(size=len(x)).astype("float32")
+    auto_search = run_until_mode_search(H, vector)
     engine_single = None
 
     def engine_only():
@@ -143,7 +145,7 @@ def main() -> None:
     rows = [
         [name, ms(r["median"]), ms(r["min"]), ms(r["first"]), round(r["median"] / base, 2)] for name, r in results.items()
     ]
-    print(f"\nauto mode chose {H._engine._chosen_mode} (timings s: {H._engine.timings})")
+    print(f"\n{auto_search}")
     print(table(["operation (all N = 2048, batch 512)", "median ms", "min ms", "first call ms", "÷ gradient"], rows))
     overhead = results["HessianOperator.matvec (auto)"]["median"] / results["engine per-batch HVPs only (no scipy)"]["median"] - 1
     print(f"\nper-call overhead of the scipy path over the bare per-batch HVPs (ratio of the medians above): {overhead:+.1%}")
@@ -172,6 +174,32 @@ def main() -> None:
         rows.append([num_data, ms(r["median"]), round(r["median"] / num_data * 1e6, 2)])
     print("\nHessian matvec vs N (batch 512):")
     print(table(["N", "median ms", "µs per example"], rows))
+
+
+def run_until_mode_search(H: hessop.HessianOperator, vector: np.ndarray, max_calls: int = 5000) -> str:
+    """Matvecs with hvp_mode="auto" until its mode search has run; a line that says when and what it chose.
+
+    "auto" runs reverse-over-reverse until those products have taken
+    ``_MODE_SEARCH_AFTER`` × the time of tracing it; the rows of the table
+    below are after the search, the mode it keeps.
+    """
+    engine = H._engine
+    began = time.perf_counter()
+    calls, search_seconds = 0, 0.0
+    while "single" not in engine.timings and calls < max_calls:
+        before = time.perf_counter()
+        H @ vector
+        calls += 1
+        if "single" in engine.timings:
+            search_seconds = time.perf_counter() - before
+    if "single" not in engine.timings:
+        return f"auto: no mode search after {calls} matvecs ({time.perf_counter() - began:.1f} s)"
+    timed = ", ".join(f"{mode} {seconds * 1e3:.1f} ms" for mode, seconds in engine.timings["single"].items())
+    return (
+        f"auto: reverse-over-reverse for {calls - 1} matvecs ({engine._provisional_seconds['single']:.2f} s, "
+        f"≥ {_engine._MODE_SEARCH_AFTER:g} × its {engine._reverse_trace_seconds['single']:.2f} s trace), then a mode search "
+        f"(in the next matvec, {search_seconds:.2f} s with it) timed one batch: {timed}; chose {engine._chosen_mode['single']}"
+    )
 
 
 def per_example_table(model: keras.Model, loss_fn, x: np.ndarray, y: np.ndarray, gradient, *, repeats: int) -> None:

@@ -8,6 +8,7 @@ non-finite results. Subclasses supply one per-batch function.
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -43,6 +44,11 @@ def as_numpy_dtype(dtype: Any, default: Any) -> np.dtype:
         msg = f"dtype: expected a floating dtype such as 'float32' or 'float64', got {resolved.name}."
         raise TypeError(msg)
     return resolved
+
+
+def _kind_of(rows: tf.Tensor) -> str:
+    """The product kind: "single" for one vector (n,), "block" for k vectors as rows (k, n)."""
+    return "single" if rows.shape.rank == 1 else "block"
 
 
 def _sum_over_batches(fn: Callable[..., tf.Tensor], arguments: Any) -> tf.Tensor:
@@ -175,7 +181,7 @@ class DataPassOperator(LinearOperator):
         return tqdm(self._batches, total=self._batches.num_batches, desc=desc, leave=False, unit="batch", delay=1.0)
 
     def _per_batch(self, name: str, rows: tf.Tensor) -> Callable[..., tf.Tensor]:
-        kind = "single" if rows.shape.rank == 1 else "block"
+        kind = _kind_of(rows)
         if name == "hvp":
             x0, y0 = self._probe_batch()
             # Timing the modes on a few rows keeps "auto" cheap for wide blocks.
@@ -191,10 +197,15 @@ class DataPassOperator(LinearOperator):
     def _summed(self, name: str, rows: tf.Tensor) -> tf.Tensor:
         """Σ over batches of product ``name`` (one data pass whatever k), times `scale`."""
         fn = self._per_batch(name, rows)
+        began = time.perf_counter()
         if self._replicas is not None:
             total = self._replicas.summed(fn, self._sized_batches(), rows)
         else:
             total = _sum_over_batches(fn, ((x, y, rows) for x, y in self._iter_batches(type(self).__name__)))
+        if name == "hvp":
+            # Wall time of the pass (on a GPU, whose kernels run asynchronously,
+            # an undercount: the "auto" mode search then comes later).
+            self._engine.record_hvp_seconds(_kind_of(rows), time.perf_counter() - began)
         return total if self.scale == 1.0 else total * tf.constant(self.scale, dtype=total.dtype)
 
     def _stacked(self, name: str, rows: tf.Tensor) -> tf.Tensor:

@@ -60,6 +60,13 @@ _ZERO = tf.UnconnectedGradients.ZERO
 # picked the slower block mode in 1 of 15 fresh operators).
 _MODE_TIMING_ROUNDS = (5, 15)
 _MODE_TIMING_SECONDS = 0.25
+# ...but only once reverse-over-reverse products of that kind (vector or
+# block) have taken this many times as long as tracing the reverse product
+# did. Tracing the forward product costs 1.5-2.0 x that (MLP, CNN, 7-layer MLP
+# here), so a short computation (a one-off to_dense, an eigsh of a few dozen
+# matvecs) does not pay for a graph it may not keep, and a long one loses at
+# most the modes' difference (7-28 % here) over this much work.
+_MODE_SEARCH_AFTER = 4.0
 # Products whose vector has one entry per example (or per output) of the batch.
 _PER_EXAMPLE_INPUTS = frozenset({"vjp_loss", "vjp_outputs"})
 # What TensorFlow raises while tracing when forward mode has no rule for an
@@ -212,8 +219,10 @@ class Engine:
     params : list of variables or None
         Default ``model.trainable_variables``.
     hvp_mode : {"auto", "forward", "reverse"}
-        Forward-over-reverse or reverse-over-reverse Hessian-vector products;
-        "auto" times both on the first batch and keeps the faster.
+        Forward-over-reverse or reverse-over-reverse Hessian-vector products.
+        "auto" starts with reverse-over-reverse and, once its products have
+        taken ``_MODE_SEARCH_AFTER`` times as long as tracing it did, times
+        both on the first batch and keeps the faster (see `hvp_function`).
     jit_compile : bool
         Compile every per-batch function with XLA (``tf.function(jit_compile=True)``).
     """
@@ -249,6 +258,10 @@ class Engine:
         self.hvp_mode = hvp_mode
         self._chosen_mode: dict[str, str] = {}
         self.timings: dict[str, dict[str, float]] = {}
+        # hvp_mode="auto" before its search, per kind: seconds spent tracing the
+        # reverse product, and seconds of reverse products since.
+        self._reverse_trace_seconds: dict[str, float] = {}
+        self._provisional_seconds: dict[str, float] = {}
         self._warned_dtype = False
         self.loss_sum = self._compile(self._loss_sum)
         self.strict_loss_sum = self._compile(lambda x, y: tf.reduce_sum(self._per_example_loss(x, y, strict=True)))
@@ -318,13 +331,37 @@ class Engine:
     def hvp_function(self, kind: str, x: Any, y: Any, probe: tf.Tensor) -> Callable[..., tf.Tensor]:
         """The compiled per-batch HVP for ``kind`` in {"single", "block"}.
 
-        With ``hvp_mode="auto"`` the first call times both modes on the given
-        batch (after tracing) and keeps the faster one for this kind.
+        With ``hvp_mode="auto"`` it is reverse-over-reverse (the mode that
+        always works and traces fastest) until those products, as reported by
+        `record_hvp_seconds`, have taken ``_MODE_SEARCH_AFTER`` times as long
+        as tracing the first one did; the next call then times both modes on
+        the given batch (after tracing) and keeps the faster for this kind.
         """
-        mode = self.hvp_mode if self.hvp_mode != "auto" else self._chosen_mode.get(kind)
-        if mode is None:
-            mode = self._choose_mode(kind, x, y, probe)
-        return self.function(f"hvp_{mode}", kind)
+        if self.hvp_mode != "auto":
+            return self.function(f"hvp_{self.hvp_mode}", kind)
+        if kind in self._chosen_mode:
+            return self.function(f"hvp_{self._chosen_mode[kind]}", kind)
+        if kind not in self._reverse_trace_seconds:
+            began = time.perf_counter()
+            self.function("hvp_reverse", kind)(x, y, probe).numpy()  # trace
+            self._reverse_trace_seconds[kind] = time.perf_counter() - began
+            self._provisional_seconds[kind] = 0.0
+        if self._forward_mode_unavailable:
+            self._chosen_mode[kind] = "reverse"  # found (and reported) while tracing
+        elif self._provisional_seconds[kind] >= _MODE_SEARCH_AFTER * self._reverse_trace_seconds[kind]:
+            self._choose_mode(kind, x, y, probe)
+        return self.function(f"hvp_{self.hvp_mode_in_use(kind)}", kind)
+
+    def hvp_mode_in_use(self, kind: str) -> str:
+        """The mode of the HVPs of ``kind`` now: "forward" or "reverse" (also while "auto" has not searched)."""
+        if self.hvp_mode != "auto":
+            return self.hvp_mode
+        return self._chosen_mode.get(kind, "reverse")
+
+    def record_hvp_seconds(self, kind: str, seconds: float) -> None:
+        """Count ``seconds`` of HVP products of ``kind`` towards the "auto" mode search."""
+        if kind in self._provisional_seconds and kind not in self._chosen_mode:
+            self._provisional_seconds[kind] += seconds
 
     def _choose_mode(self, kind: str, x: Any, y: Any, probe: tf.Tensor) -> str:
         candidates: dict[str, Callable[..., tf.Tensor]] = {}

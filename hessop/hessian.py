@@ -46,8 +46,10 @@ class HessianOperator(SymmetricDataPassOperator):
         models that change between passes (shuffling, random augmentation).
     hvp_mode : {"auto", "forward", "reverse"}
         Forward-over-reverse or reverse-over-reverse HVPs. ``"auto"`` (default)
-        times both on the first batch and keeps the faster, separately for
-        single vectors and blocks (reverse under a multi-replica strategy).
+        starts with reverse-over-reverse and, once those products have taken
+        4 × as long as tracing them, times both on the first batch and keeps
+        the faster, separately for single vectors and blocks (reverse under a
+        multi-replica strategy).
     strategy : tf.distribute.Strategy, optional
         Distribute each batch over the strategy's replicas and all-reduce once
         per product. Default: the strategy in scope, else the one that owns the

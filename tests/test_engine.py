@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from conftest import Case, dense_ggn, dense_hessian, dense_output_jacobian, dense_per_example_gradients
-from hessop import GGNOperator, HessianOperator, JacobianOperator, OPGOperator
+from hessop import GGNOperator, HessianOperator, JacobianOperator, OPGOperator, _engine
 
 RNG = np.random.default_rng(7)
 NOT_VECTORISED = "cannot be vectorised"
@@ -49,7 +49,8 @@ def test_hessian_reverse_loops_over_a_block_that_pfor_cannot_vectorise(rnn):
     check(H, dense_hessian(rnn))
 
 
-def test_hessian_auto_keeps_reverse_when_forward_mode_fails(rnn):
+def test_hessian_auto_keeps_reverse_when_forward_mode_fails(rnn, monkeypatch):
+    monkeypatch.setattr(_engine, "_MODE_SEARCH_AFTER", 0.0)  # search on the first product
     H = HessianOperator(rnn.model, rnn.loss_fn, (rnn.x, rnn.y), batch_size=5, hvp_mode="auto")
     with pytest.warns(UserWarning, match="forward-over-reverse HVP unavailable"):
         check(H, dense_hessian(rnn))

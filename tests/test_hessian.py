@@ -164,11 +164,38 @@ def test_each_product_is_traced_once_for_all_batch_sizes_and_block_widths(mlp):
     assert [compiled[key].tracing_count for key in sorted(compiled)] == [1, 1]
 
 
-def test_auto_mode_records_its_choice(mlp):
+def test_auto_mode_starts_reverse_and_searches_once_the_products_paid_for_it(mlp):
+    # A short computation does not trace forward mode at all; once reverse
+    # products of a kind have taken _MODE_SEARCH_AFTER × their trace time, the
+    # next product of that kind (only) times both modes and keeps the faster.
     H = operator(mlp, batch_size=32)
+    engine = H._engine
+    dense = dense_hessian(mlp)
+    vector, block = np.ones(H.shape[0]), np.ones((H.shape[0], 3))
+    assert rel_err(H @ vector, dense @ vector) < 1e-10
+    assert rel_err(H @ block, dense @ block) < 1e-10
+    assert set(engine._compiled) == {("hvp_reverse", "single"), ("hvp_reverse", "block")}
+    assert engine._chosen_mode == {} and engine.timings == {}
+    assert 0 < engine._provisional_seconds["single"] < _engine._MODE_SEARCH_AFTER * engine._reverse_trace_seconds["single"]
+
+    engine.record_hvp_seconds("single", _engine._MODE_SEARCH_AFTER * engine._reverse_trace_seconds["single"])
+    assert rel_err(H @ vector, dense @ vector) < 1e-10
+    assert engine._chosen_mode["single"] in ("forward", "reverse")
+    assert set(engine.timings) == {"single"} and set(engine.timings["single"]) == {"forward", "reverse"}
+    assert ("hvp_forward", "block") not in engine._compiled
+
+    chosen = engine._chosen_mode["single"]
+    engine.record_hvp_seconds("single", 1e9)  # no second search
+    assert rel_err(H @ vector, dense @ vector) < 1e-10
+    assert engine._chosen_mode["single"] == chosen
+
+
+def test_fixed_mode_never_searches(mlp):
+    H = operator(mlp, batch_size=32, hvp_mode="forward")
+    H._engine.record_hvp_seconds("single", 1e9)
     H @ np.ones(H.shape[0])
-    assert H._engine._chosen_mode["single"] in ("forward", "reverse")
-    assert set(H._engine.timings["single"]) == {"forward", "reverse"}
+    assert set(H._engine._compiled) == {("hvp_forward", "single")}
+    assert H._engine.timings == {}
 
 
 @pytest.mark.parametrize(("seconds", "rounds"), [(0.0, 5), (1e9, 15)])
@@ -177,6 +204,7 @@ def test_auto_mode_times_alternating_rounds_within_bounds(mlp, monkeypatch, seco
     # unreachable one at its maximum; either way each round runs both modes,
     # and the mode that runs first alternates.
     monkeypatch.setattr(_engine, "_MODE_TIMING_SECONDS", seconds)
+    monkeypatch.setattr(_engine, "_MODE_SEARCH_AFTER", 0.0)  # search on the first product
     H = operator(mlp, batch_size=32)
     engine = H._engine
     calls = []
@@ -188,10 +216,11 @@ def test_auto_mode_times_alternating_rounds_within_bounds(mlp, monkeypatch, seco
 
     monkeypatch.setattr(engine, "function", recording)
     H @ np.ones(H.shape[0])
-    assert calls[:4] == ["hvp_reverse"] * 2 + ["hvp_forward"] * 2  # a trace and a warm-up call each
-    timed = calls[4 : 4 + 2 * rounds]
-    assert len(calls) > 4 + 2 * rounds  # then the product itself, with the chosen mode
-    assert set(calls[4 + 2 * rounds :]) == {"hvp_" + engine._chosen_mode["single"]}
+    # The reverse trace, then a run and a warm-up call of each mode.
+    assert calls[:5] == ["hvp_reverse"] * 3 + ["hvp_forward"] * 2
+    timed = calls[5 : 5 + 2 * rounds]
+    assert len(calls) > 5 + 2 * rounds  # then the product itself, with the chosen mode
+    assert set(calls[5 + 2 * rounds :]) == {"hvp_" + engine._chosen_mode["single"]}
     firsts = [timed[2 * r] for r in range(rounds)]
     assert all(firsts[r] != firsts[r + 1] for r in range(rounds - 1))
     assert all({timed[2 * r], timed[2 * r + 1]} == {"hvp_reverse", "hvp_forward"} for r in range(rounds))
