@@ -337,19 +337,16 @@ class Engine:
         as tracing the first one did; the next call then times both modes on
         the given batch (after tracing) and keeps the faster for this kind.
         """
-        if self.hvp_mode != "auto":
-            return self.function(f"hvp_{self.hvp_mode}", kind)
-        if kind in self._chosen_mode:
-            return self.function(f"hvp_{self._chosen_mode[kind]}", kind)
-        if kind not in self._reverse_trace_seconds:
-            began = time.perf_counter()
-            self.function("hvp_reverse", kind)(x, y, probe).numpy()  # trace
-            self._reverse_trace_seconds[kind] = time.perf_counter() - began
-            self._provisional_seconds[kind] = 0.0
-        if self._forward_mode_unavailable:
-            self._chosen_mode[kind] = "reverse"  # found (and reported) while tracing
-        elif self._provisional_seconds[kind] >= _MODE_SEARCH_AFTER * self._reverse_trace_seconds[kind]:
-            self._choose_mode(kind, x, y, probe)
+        if self.hvp_mode == "auto" and kind not in self._chosen_mode:
+            if kind not in self._reverse_trace_seconds:
+                began = time.perf_counter()
+                self.function("hvp_reverse", kind)(x, y, probe).numpy()  # trace
+                self._reverse_trace_seconds[kind] = time.perf_counter() - began
+                self._provisional_seconds[kind] = 0.0
+            if self._forward_mode_unavailable:
+                self._chosen_mode[kind] = "reverse"  # found (and reported) while tracing
+            elif self._provisional_seconds[kind] >= _MODE_SEARCH_AFTER * self._reverse_trace_seconds[kind]:
+                self._choose_mode(kind, x, y, probe)
         return self.function(f"hvp_{self.hvp_mode_in_use(kind)}", kind)
 
     def hvp_mode_in_use(self, kind: str) -> str:
