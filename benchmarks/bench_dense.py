@@ -19,9 +19,11 @@ peak memory (max RSS) is its own:
 Then, in fresh processes: ``to_dense()`` (timed widths) against
 ``block_size=128``, against the same traced with TensorFlow's pfor rules
 instead of hessop's (see ``hessop/_pfor.py``), and against ``jacobian``, all
-in one process and interleaved; and the work of a dense Hessian (P times
-TF's op-level FLOP count of one full-data HVP) turned into GFLOP/s for each
-route, next to the rate of a TF matmul of the first layer's shape.
+in one process and interleaved; and the work each route does (TF's
+op-level FLOP count: P times the tangent-dependent part of an HVP for the
+vectorised routes, P whole HVPs for the per-column map) turned into GFLOP/s,
+next to the rate of a TF matmul of the first layer's shape. Where the time
+of a block goes, op by op: ``benchmarks/profile_dense.py``.
 
     python benchmarks/bench_dense.py [--num-data 512] [--memory-limit-gb 16] [--methods ...]
 """
@@ -54,10 +56,10 @@ def build(num_data: int):
 
 
 def record_block_widths(H) -> list[int]:
-    """Wrap ``H.matmat`` so that each block's width is appended to the returned list."""
+    """Wrap the block product ``to_dense`` calls so that each block's width is appended to the returned list."""
     widths: list[int] = []
-    matmat = H.matmat
-    H.matmat = lambda block: widths.append(block.shape[1]) or matmat(block)
+    unit_block_rows = H._unit_block_rows
+    H._unit_block_rows = lambda first, stop: widths.append(stop - first) or unit_block_rows(first, stop)
     return widths
 
 
@@ -208,14 +210,17 @@ def compare_in_one_process(num_data: int, rounds: int = 5) -> dict:
 
 
 def hvp_flops_and_matmul_rates(num_data: int) -> dict:
-    """Floating-point work of one full-data HVP (TF's own op-level count) and TF matmul rates here.
+    """Floating-point work of a dense Hessian by HVPs (TF's own op-level count) and TF matmul rates here.
 
-    The count is what ``tf.compat.v1.profiler`` registers for the ops of one
-    reverse-over-reverse HVP graph (matmuls and elementwise ops); a dense
-    Hessian by any HVP route does P of them. The matmul rates give the scale:
-    one float32 matmul of the first layer's shape with 64 tangents side by side
-    (N × 64 times 64 × 64·64), and a large square one, each the best of its
-    repeats.
+    The counts are what ``tf.compat.v1.profiler`` registers for the ops
+    (matmuls and elementwise ops) of one reverse-over-reverse HVP graph and
+    of one loss-and-gradient graph. Their difference is the work that
+    depends on the tangent: a vectorised block of HVPs (``to_dense``,
+    ``jacobian``) computes the loss and gradient once and only that part per
+    column, while separate HVPs (the per-column map) each do all of it. The
+    matmul rates give the scale: one float32 matmul of the first layer's
+    shape with 64 tangents side by side (N × 64 times 64 × 64·64), and a
+    large square one, each the best of its repeats.
     """
     import numpy as np
     import tensorflow as tf
@@ -224,10 +229,19 @@ def hvp_flops_and_matmul_rates(num_data: int) -> dict:
     model, loss_fn, x, y = build(num_data)
     variables = model.trainable_variables
     hvp = tf.function(reverse_over_reverse(model, loss_fn, variables))
-    graph = hvp.get_concrete_function(x, y, [tf.TensorSpec(v.shape, v.dtype) for v in variables]).graph
-    options = tf.compat.v1.profiler.ProfileOptionBuilder.float_operation()
-    options["output"] = "none"
-    flops = tf.compat.v1.profiler.profile(graph, options=options).total_float_ops
+    @tf.function
+    def loss_and_gradient(xb, yb):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(loss_fn(yb, model(xb, training=False)))
+        return loss, tape.gradient(loss, variables)
+
+    def flops(graph) -> int:
+        options = tf.compat.v1.profiler.ProfileOptionBuilder.float_operation()
+        options["output"] = "none"
+        return int(tf.compat.v1.profiler.profile(graph, options=options).total_float_ops)
+
+    hvp_flops = flops(hvp.get_concrete_function(x, y, [tf.TensorSpec(v.shape, v.dtype) for v in variables]).graph)
+    gradient_flops = flops(loss_and_gradient.get_concrete_function(x, y).graph)
 
     def matmul_rate(a_shape, b_shape, repeats=30):  # best of the repeats: what this shape can reach
         a, b = tf.random.normal(a_shape), tf.random.normal(b_shape)
@@ -236,7 +250,8 @@ def hvp_flops_and_matmul_rates(num_data: int) -> dict:
         return 2 * a_shape[0] * a_shape[1] * b_shape[1] / best
 
     return {
-        "flops_per_hvp": int(flops),
+        "flops_per_hvp": hvp_flops,
+        "flops_per_gradient": gradient_flops,
         "P": sum(int(np.prod(v.shape)) for v in variables),
         "matmul_layer_shape": matmul_rate((num_data, 64), (64, 64 * 64)),
         "matmul_2048": matmul_rate((2048, 2048), (2048, 2048), repeats=5),
@@ -322,18 +337,30 @@ def main() -> None:
     default = medians["to_dense() (timed widths)"]
     print(table(["dense Hessian", "median s", "÷ to_dense()"], [[name, round(sec, 2), round(sec / default, 2)] for name, sec in medians.items()]))
     print(f"widths chosen in the five rounds: {same['chosen']}")
-    # Work and throughput: every HVP route does P full-data HVPs, so the
-    # achieved rate says how far a generic route could still go.
+    # Work and throughput: what each route computes, and how fast.
     work = run_child("throughput", args.num_data)
-    total = work["P"] * work["flops_per_hvp"]
-    print(f"\nwork: {work['flops_per_hvp'] / 1e6:.1f} MFLOP per full-data HVP (TF's op count) × P = {total / 1e9:.0f} GFLOP")
+    per_tangent = work["flops_per_hvp"] - work["flops_per_gradient"]
+    blocked, separate = work["P"] * per_tangent, work["P"] * work["flops_per_hvp"]
+    print(
+        f"\nwork (TF's op count): one full-data HVP {work['flops_per_hvp'] / 1e6:.1f} MFLOP, of which the loss and gradient "
+        f"{work['flops_per_gradient'] / 1e6:.1f} and the part that depends on the tangent {per_tangent / 1e6:.1f}.\n"
+        f"A vectorised block computes the loss and gradient once, so a dense Hessian by blocks (to_dense, jacobian) "
+        f"does P × {per_tangent / 1e6:.1f} = {blocked / 1e9:.0f} GFLOP; by separate HVPs (per_column) P × "
+        f"{work['flops_per_hvp'] / 1e6:.1f} = {separate / 1e9:.0f} GFLOP."
+    )
     print(f"TF float32 matmul here (best of 30): {work['matmul_layer_shape'] / 1e9:.0f} GFLOP/s at ({args.num_data} × 64)·(64 × 4096), "
           f"{work['matmul_2048'] / 1e9:.0f} GFLOP/s at 2048³")
-    timings = {"hessop to_dense(), one process (median above)": default, "jacobian, one process (median above)": medians["jacobian"]}
-    timings.update({f"{m}, second call": r["second"] for m, r in results.items() if m == "per_column"})
+    timings = {
+        "hessop to_dense(), one process (median above)": (default, blocked),
+        "jacobian, one process (median above)": (medians["jacobian"], blocked),
+    }
+    timings.update({f"{m}, second call": (r["second"], separate) for m, r in results.items() if m == "per_column"})
     print(table(
-        ["dense Hessian", "s", "GFLOP/s", "÷ layer-shape matmul rate"],
-        [[name, round(sec, 2), round(total / sec / 1e9), round(total / sec / work["matmul_layer_shape"], 2)] for name, sec in timings.items()],
+        ["dense Hessian", "s", "GFLOP", "GFLOP/s", "÷ layer-shape matmul rate"],
+        [
+            [name, round(sec, 2), round(flop / 1e9), round(flop / sec / 1e9), round(flop / sec / work["matmul_layer_shape"], 2)]
+            for name, (sec, flop) in timings.items()
+        ],
     ))
 
 

@@ -51,6 +51,19 @@ def _kind_of(rows: tf.Tensor) -> str:
     return "single" if rows.shape.rank == 1 else "block"
 
 
+def _rows_tensor(rows: np.ndarray) -> tf.Tensor:
+    """A numpy vector or block of rows (k, n) as a tensor.
+
+    Blocks come from scipy as (n, k) arrays in C order, so their rows are a
+    strided (Fortran-order) view, which TensorFlow converts element by
+    element: 50 ms for P = 109,386 and k = 64 here, against 20 ms for
+    converting the (n, k) array as it lies and transposing it with a TF op.
+    """
+    if rows.ndim == 2 and not rows.flags.c_contiguous and rows.T.flags.c_contiguous:
+        return tf.transpose(tf.convert_to_tensor(rows.T))
+    return tf.convert_to_tensor(rows)
+
+
 def _sum_over_batches(fn: Callable[..., tf.Tensor], arguments: Any) -> tf.Tensor:
     """Σ of ``fn(*args)`` over per-batch argument tuples, on the default device."""
     total = None
@@ -357,14 +370,29 @@ class DataPassOperator(LinearOperator):
         compete with TensorFlow's threads (measured: a matvec 45% slower inside
         eigsh than alone on 2 cores; see benchmarks/bench_eigsh.py).
         """
-        rows = tf.convert_to_tensor(np.asarray(rows, dtype=self._compute_dtype.as_numpy_dtype))
+        return self._run_rows(apply, _rows_tensor(np.asarray(rows, dtype=self._compute_dtype.as_numpy_dtype)))
+
+    def _run_rows(self, apply: Callable[[tf.Tensor], tf.Tensor], rows: tf.Tensor) -> np.ndarray:
+        """``apply(rows)`` for a tensor of rows, as a checked numpy array of the operator's dtype."""
         with _blas_controller().limit(limits=1, user_api="blas"):
             out = apply(rows).numpy()
         if not np.all(np.isfinite(out)):
             raise self._not_finite()
         return out.astype(self.dtype, copy=False)
 
-    # Blocks travel as rows (k, n): the transposes are numpy views, not TF ops.
+    def _unit_block_rows(self, first: int, stop: int) -> np.ndarray:
+        """(A @ I[:, first:stop])ᵀ, shape (stop - first, m): columns of A for `to_dense`.
+
+        The unit vectors are made on the device (``tf.one_hot``) instead of
+        converted from numpy: the rows layout of a numpy (n, k) block is a
+        strided view, and converting it cost 3.2 ms of a 34 ms block product
+        (P = 4,810, k = 128; see benchmarks/RESULTS.md).
+        """
+        rows = tf.one_hot(tf.range(first, stop), self.shape[1], dtype=self._compute_dtype)
+        return self._run_rows(self._apply, rows)
+
+    # Blocks travel as rows (k, n): the transposes here are numpy views, and
+    # _rows_tensor hands a C-order block's transpose to a TF op.
     def _matvec(self, x: np.ndarray) -> np.ndarray:
         return self._run(self._apply, np.reshape(x, -1))
 

@@ -44,16 +44,25 @@ def dense_from_operator(op: Any, *, max_params: int, block_size: int | None) -> 
     start = 0
     if block_size is None:
         start, block_size = _fill_timed_trials(op, dense)
-    for columns, unit in unit_blocks(n_cols, block_size, op.dtype, start=start):
-        dense[:, columns] = op.matmat(unit)
+    for first in range(start, n_cols, block_size):
+        _fill_block(op, dense, first, block_size)
     return dense
 
 
 def _fill_block(op: Any, dense: np.ndarray, start: int, width: int) -> int:
-    """dense[:, start:start + width] = op @ I[:, start:start + width]; returns the next column."""
-    columns, unit = next(unit_blocks(dense.shape[1], width, op.dtype, start=start))
-    dense[:, columns] = op.matmat(unit)
-    return columns.stop
+    """dense[:, start:start + width] = op @ I[:, start:start + width]; returns the next column.
+
+    hessop's data-pass operators make the unit vectors themselves
+    (``_unit_block_rows``); any other LinearOperator gets them through ``matmat``.
+    """
+    stop = min(start + width, dense.shape[1])
+    unit_block_rows = getattr(op, "_unit_block_rows", None)
+    if unit_block_rows is not None:
+        dense[:, start:stop] = unit_block_rows(start, stop).T
+    else:
+        columns, unit = next(unit_blocks(dense.shape[1], width, op.dtype, start=start))
+        dense[:, columns] = op.matmat(unit)
+    return stop
 
 
 def _fill_timed_trials(op: Any, dense: np.ndarray) -> tuple[int, int]:
