@@ -380,6 +380,11 @@ class DataPassOperator(LinearOperator):
             raise self._not_finite()
         return out.astype(self.dtype, copy=False)
 
+    @property
+    def _memory_on_host(self) -> bool:
+        """Whether a product's memory shows in this process's resident size (not on a GPU): for `to_dense`'s trials."""
+        return not tf.config.list_logical_devices("GPU")
+
     def _unit_block_rows(self, first: int, stop: int) -> np.ndarray:
         """(A @ I[:, first:stop])ᵀ, shape (stop - first, m): columns of A for `to_dense`.
 
@@ -479,10 +484,13 @@ class SymmetricDataPassOperator(DataPassOperator):
             it deliberately for larger models.
         block_size : int or None
             Columns per data pass; memory grows with it. None (default): the
-            first columns are built with blocks of 16, 32, 64 and 128 columns
-            (three rounds, two of them timed) and the rest with the width that
-            cost least per column; the best width depends on the model and the
-            CPU's caches.
+            first columns are built with blocks of 16, 32, 64, ... up to 512
+            columns (three blocks each, two of them timed) and the rest with
+            the width that cost least per column. The width stops growing
+            once one is 10 % slower than the best, or (on Linux, on the CPU)
+            once the next one's peak memory, scaled from the last one's,
+            would exceed half the memory available; where that cannot be
+            measured (other systems, a GPU) at 128.
 
         Returns
         -------

@@ -14,20 +14,35 @@ __all__ = ["DEFAULT_MAX_DENSE", "TRIAL_BLOCK_SIZES", "dense_from_operator", "uni
 
 DEFAULT_MAX_DENSE = 10_000
 
-# Block widths tried, in this order, on the first columns when no block size
-# is given. The best width depends on the model and the machine's caches: for
-# the Hessian of an MLP 64-64-10 on 512 examples, 32 columns cost 0.44–0.50 ms
-# a column and 128 columns 0.59–0.78 ms (see the dense Hessian section of
-# benchmarks/RESULTS.md).
-TRIAL_BLOCK_SIZES = (16, 32, 64, 128)
+# Block widths tried, narrowest first, on the first columns when no block
+# size is given. The best width depends on the model and the machine: for the
+# Hessian of an MLP 64-64-10 on 512 examples, 256 and 512 columns cost 11-19 %
+# less a column than 128 on one machine, and 32 columns less than 128 on
+# another (see the dense Hessian section of benchmarks/RESULTS.md).
+TRIAL_BLOCK_SIZES = (16, 32, 64, 128, 256, 512)
+# A block's memory grows with its width times a batch's activations: a small
+# CNN (P = 2,650, 512 examples a batch) took 3.5, 6.9 and 12.6 GiB at 16, 32
+# and 64 columns, and 128 killed the process on a 24 GiB machine. So a wider
+# trial runs only if the last one's peak memory, scaled to the new width,
+# fits in this share of the memory available when the trials began...
+_MEMORY_SHARE = 0.5
+# ...and only up to this width where that peak cannot be read (no Linux
+# /proc, or an operator whose memory is on an accelerator).
+_UNMEASURED_MAX_WIDTH = 128
+# A width slower per column than the best so far by this factor ends the
+# trials: wider blocks only add memory then.
+_SLOWER_BY = 1.10
+_clock = time.perf_counter
 
 
 def dense_from_operator(op: Any, *, max_params: int, block_size: int | None) -> np.ndarray:
     """Columns of ``op`` in blocks of unit vectors, guarded against P×P surprises.
 
-    ``block_size=None`` builds the first columns with blocks of each of
-    ``TRIAL_BLOCK_SIZES`` (three rounds, the last two timed) and the rest with
-    the width that cost least per column. Every column is computed once
+    ``block_size=None`` builds the first columns with blocks of growing
+    width (``TRIAL_BLOCK_SIZES``, three blocks each, the last two timed) and
+    the rest with the width that cost least per column; the growth stops
+    where a width is slower than the best so far or the next one's memory
+    would not fit (`_fill_timed_trials`). Every column is computed once
     either way.
     """
     n_rows, n_cols = op.shape
@@ -66,28 +81,98 @@ def _fill_block(op: Any, dense: np.ndarray, start: int, width: int) -> int:
 
 
 def _fill_timed_trials(op: Any, dense: np.ndarray) -> tuple[int, int]:
-    """Fill the first columns with blocks of the trial widths; (next column, fastest width).
+    """Fill the first columns with blocks of growing width; (next column, fastest width).
 
-    One untimed round first: the first product may trace a graph (and choose
-    an HVP mode), and the first product of each new width runs slower than
-    later ones (1.1–2.7 × for that Hessian). Then two timed rounds, and
-    the least time per column of each width counts.
+    Each width runs one untimed block first (the first product may trace a
+    graph and choose an HVP mode, and the first product of a new width runs
+    slower than later ones: 1.1–2.7 × for an MLP Hessian), then two timed
+    blocks, of which the lesser time per column counts. The next width is
+    tried while columns remain, this one was not slower than the best by
+    more than ``_SLOWER_BY``, and its peak memory fits (`_MemoryWatch`).
     """
     n_cols = dense.shape[1]
     start = 0
+    watch = _MemoryWatch.start(getattr(op, "_memory_on_host", True))
     seconds_per_column: dict[int, float] = {}
-    for timed in (False, True, True):
-        for width in TRIAL_BLOCK_SIZES:
+    for width in TRIAL_BLOCK_SIZES:
+        if start >= n_cols or not watch.allows(width):
+            break
+        samples = []
+        for timed in (False, True, True):
             if start >= n_cols:
                 break
-            began = time.perf_counter()
+            began = _clock()
             stop = _fill_block(op, dense, start, width)
             if timed:
-                seconds = (time.perf_counter() - began) / (stop - start)
-                seconds_per_column[width] = min(seconds, seconds_per_column.get(width, np.inf))
+                samples.append((_clock() - began) / (stop - start))
             start = stop
-    fastest = min(seconds_per_column, key=seconds_per_column.get) if seconds_per_column else TRIAL_BLOCK_SIZES[-1]
+        watch.record(width)
+        if not samples:
+            break
+        seconds_per_column[width] = min(samples)
+        if seconds_per_column[width] > _SLOWER_BY * min(seconds_per_column.values()):
+            break
+    fastest = min(seconds_per_column, key=seconds_per_column.get) if seconds_per_column else TRIAL_BLOCK_SIZES[0]
     return start, fastest
+
+
+class _MemoryWatch:
+    """Peak resident memory after each trial width, from Linux's /proc, against the size when trials began.
+
+    The peak (``VmHWM``) is the process's high-water mark, never reset here
+    (that would change what the process reports to anyone else): after a
+    width it is at least that width's peak, so the scaled estimate errs on
+    the side of narrower blocks. Where /proc cannot be read, `allows` stops
+    at ``_UNMEASURED_MAX_WIDTH``.
+    """
+
+    def __init__(self, baseline: int | None, available: int | None) -> None:
+        self.baseline = baseline
+        self.budget = None if available is None else _MEMORY_SHARE * available
+        self.peaks: dict[int, int] = {}
+
+    @classmethod
+    def start(cls, on_host: bool = True) -> _MemoryWatch:
+        if not on_host:
+            return cls(None, None)
+        return cls(_status_bytes("VmRSS"), _meminfo_bytes("MemAvailable"))
+
+    @property
+    def measured(self) -> bool:
+        return self.baseline is not None and self.budget is not None
+
+    def record(self, width: int) -> None:
+        peak = _status_bytes("VmHWM") if self.measured else None
+        if peak is not None:
+            self.peaks[width] = max(peak - self.baseline, 0)  # type: ignore[operator]
+
+    def allows(self, width: int) -> bool:
+        if not self.measured:
+            return width <= _UNMEASURED_MAX_WIDTH
+        if not self.peaks:
+            return True
+        widest = max(self.peaks)
+        return self.peaks[widest] * width / widest <= self.budget  # type: ignore[operator]
+
+
+def _status_bytes(field: str) -> int | None:
+    """A memory field of /proc/self/status (in kB there) in bytes, or None off Linux."""
+    return _proc_kilobytes("/proc/self/status", field)
+
+
+def _meminfo_bytes(field: str) -> int | None:
+    return _proc_kilobytes("/proc/meminfo", field)
+
+
+def _proc_kilobytes(path: str, field: str) -> int | None:
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith(f"{field}:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 def unit_blocks(size: int, block_size: int, dtype: Any, *, start: int = 0) -> Iterator[tuple[slice, np.ndarray]]:

@@ -72,7 +72,8 @@ def test_to_dense_matches_autodiff_reference(case):
 
 
 def test_default_to_dense_times_block_widths_and_matches_autodiff():
-    # P = 805 > 3 × (16 + 32 + 64 + 128): three rounds of trials, then the chosen width.
+    # P = 805: three blocks each of 16, 32, 64 and 128 columns take 720; the
+    # 85 left go to one (untimed) block of the next width.
     from conftest import Case
 
     rng = np.random.default_rng(5)
@@ -92,11 +93,11 @@ def test_default_to_dense_times_block_widths_and_matches_autodiff():
     unit_block_rows = H._unit_block_rows
     H._unit_block_rows = lambda first, stop: widths.append(stop - first) or unit_block_rows(first, stop)
     dense = H.to_dense()
-    assert H.num_params == 805 and sum(widths) == 805
-    trials = 3 * len(TRIAL_BLOCK_SIZES)
-    assert widths[:trials] == 3 * list(TRIAL_BLOCK_SIZES)
-    rest = 805 - sum(widths[:trials])  # built with one of the trial widths
-    assert any(widths[trials:] == [w] * (rest // w) + [rest % w] * (rest % w > 0) for w in TRIAL_BLOCK_SIZES)
+    assert H.num_params == 805
+    # Growth stops early only if a width is 10 % slower than the best so far.
+    tried = [w for w in TRIAL_BLOCK_SIZES[:4] if w in widths]
+    assert widths[: 3 * len(tried)] == [w for w in tried for _ in range(3)]
+    assert sum(widths) == 805
     assert rel_err(dense, dense_hessian(case)) < 1e-10
 
 
