@@ -10,7 +10,7 @@ import numpy as np
 
 from hessop._validation import check_positive_int
 
-__all__ = ["DEFAULT_MAX_DENSE", "TRIAL_BLOCK_SIZES", "dense_from_operator", "unit_blocks"]
+__all__ = ["DEFAULT_MAX_DENSE", "TRIAL_BLOCK_SIZES", "dense_from_operator", "unit_block_product", "unit_blocks"]
 
 DEFAULT_MAX_DENSE = 10_000
 
@@ -65,19 +65,23 @@ def dense_from_operator(op: Any, *, max_params: int, block_size: int | None) -> 
 
 
 def _fill_block(op: Any, dense: np.ndarray, start: int, width: int) -> int:
-    """dense[:, start:start + width] = op @ I[:, start:start + width]; returns the next column.
+    """dense[:, start:start + width] = op @ I[:, start:start + width]; returns the next column."""
+    stop = min(start + width, dense.shape[1])
+    dense[:, start:stop] = unit_block_product(op, start, stop)
+    return stop
+
+
+def unit_block_product(op: Any, start: int, stop: int) -> np.ndarray:
+    """op @ I[:, start:stop], shape (m, stop - start): columns start..stop-1 of ``op``.
 
     hessop's data-pass operators make the unit vectors themselves
     (``_unit_block_rows``); any other LinearOperator gets them through ``matmat``.
     """
-    stop = min(start + width, dense.shape[1])
     unit_block_rows = getattr(op, "_unit_block_rows", None)
     if unit_block_rows is not None:
-        dense[:, start:stop] = unit_block_rows(start, stop).T
-    else:
-        columns, unit = next(unit_blocks(dense.shape[1], width, op.dtype, start=start))
-        dense[:, columns] = op.matmat(unit)
-    return stop
+        return unit_block_rows(start, stop).T
+    _, unit = next(unit_blocks(op.shape[1], stop - start, op.dtype, start=start))
+    return op.matmat(unit)
 
 
 def _fill_timed_trials(op: Any, dense: np.ndarray) -> tuple[int, int]:

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from hessop._dense import DEFAULT_MAX_DENSE, unit_blocks
+from hessop._dense import DEFAULT_MAX_DENSE, unit_block_product
 from hessop._validation import check_positive_int
 
 __all__ = ["trace", "diagonal", "row_sums", "spectral_density", "SpectralDensity"]
@@ -142,8 +142,9 @@ def diagonal(
             )
             raise ValueError(msg)
         out = np.empty(size)
-        for columns, unit in unit_blocks(size, block_size, op.dtype):
-            out[columns] = op.matmat(unit)[columns][np.diag_indices(unit.shape[1])]
+        for start in range(0, size, block_size):
+            stop = min(start + block_size, size)
+            out[start:stop] = np.diagonal(unit_block_product(op, start, stop)[start:stop])
         return out
     num_matvecs = check_positive_int(num_matvecs, "num_matvecs")
     probes = _rademacher(np.random.default_rng(seed), size, num_matvecs, np.float64)
