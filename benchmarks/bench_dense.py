@@ -1,14 +1,16 @@
 """Dense Hessian of a P ≈ 5,000 model: hessop's to_dense vs the usual TF routes.
 
-Model: MLP 64-64-10 (tanh) on 8×8 digits-sized inputs, softmax cross-entropy,
-N = 512, float32, P = 4,810. Methods, each in its own subprocess so that its
-peak memory (max RSS) is its own:
+Model (``--model``): MLP 64-64-10 (tanh, P = 4,810; the default) or
+64-40-40-40-40-10 (``deep``, P = 7,930) on 8×8 digits-sized inputs, softmax
+cross-entropy, N = 512, float32. Methods, each in its own subprocess so that
+its peak memory (max RSS) is its own:
 
-* ``hessop``: ``HessianOperator.to_dense`` (batched HVPs) with its defaults:
-  ``hvp_mode="auto"`` (reverse-over-reverse until its products have taken
-  4 × as long as tracing it, then a search that traces and times both
-  modes) and block widths of 16, 32, 64 and 128 columns tried on the first
-  columns, the fastest kept for the rest;
+* ``hessop``: ``HessianOperator.to_dense`` (batched HVPs, lower block
+  triangle by parts of the variables) with its defaults: ``hvp_mode="auto"``
+  (reverse-over-reverse until its products have taken 4 × as long as
+  tracing it, then a search that traces and times both modes) and block
+  widths from 16 columns up tried on the first columns, the fastest kept
+  for the rest;
 * ``hessop_reverse``: the same with ``hvp_mode="reverse"`` (never searches);
 * ``hessop_reverse_128``: ``hvp_mode="reverse"`` and a fixed ``block_size=128``
   (the default before session 5);
@@ -18,14 +20,16 @@ peak memory (max RSS) is its own:
 
 Then, in fresh processes: ``to_dense()`` (timed widths) against
 ``block_size=128``, against the same traced with TensorFlow's pfor rules
-instead of hessop's (see ``hessop/_pfor.py``), and against ``jacobian``, all
-in one process and interleaved; and the work each route does (TF's
-op-level FLOP count: P times the tangent-dependent part of an HVP for the
-vectorised routes, P whole HVPs for the per-column map) turned into GFLOP/s,
+instead of hessop's (see ``hessop/_pfor.py``), against the same as one part
+(every column's tangent in all variables and all rows computed, as before
+session 13), and against ``jacobian``, all in one process and interleaved;
+and the work each route does (TF's op-level FLOP count: P times the
+tangent-dependent part of an HVP for ``jacobian``, the same per part for
+``to_dense``, P whole HVPs for the per-column map) turned into GFLOP/s,
 next to the rate of a TF matmul of the first layer's shape. Where the time
 of a block goes, op by op: ``benchmarks/profile_dense.py``.
 
-    python benchmarks/bench_dense.py [--num-data 512] [--memory-limit-gb 16] [--methods ...]
+    python benchmarks/bench_dense.py [--model mlp|deep] [--num-data 512] [--memory-limit-gb 16] [--methods ...]
 """
 
 from __future__ import annotations
@@ -39,15 +43,22 @@ import time
 
 from _common import machine_info, table, tensorflow_pfor_rules, time_calls
 
+# --model: hidden layer widths (tanh) between 64 inputs and 10 classes.
+MODELS = {"mlp": (64,), "deep": (40, 40, 40, 40)}
+MODEL = "mlp"  # set from --model, in the parent and in each child
+
+
+def model_name() -> str:
+    return "MLP " + "-".join(str(width) for width in (64, *MODELS[MODEL], 10)) + " tanh"
+
 
 def build(num_data: int):
     import keras
     import numpy as np
 
     keras.utils.set_random_seed(0)
-    model = keras.Sequential(
-        [keras.Input((64,)), keras.layers.Dense(64, activation="tanh"), keras.layers.Dense(10)]
-    )
+    hidden = [keras.layers.Dense(width, activation="tanh") for width in MODELS[MODEL]]
+    model = keras.Sequential([keras.Input((64,)), *hidden, keras.layers.Dense(10)])
     rng = np.random.default_rng(0)
     x = rng.normal(size=(num_data, 64)).astype("float32")
     y = rng.integers(0, 10, size=num_data).astype("int32")
@@ -58,8 +69,8 @@ def build(num_data: int):
 def record_block_widths(H) -> list[int]:
     """Wrap the block product ``to_dense`` calls so that each block's width is appended to the returned list."""
     widths: list[int] = []
-    unit_block_rows = H._unit_block_rows
-    H._unit_block_rows = lambda first, stop: widths.append(stop - first) or unit_block_rows(first, stop)
+    lower_block_rows = H._lower_block_rows
+    H._lower_block_rows = lambda first, stop: widths.append(stop - first) or lower_block_rows(first, stop)
     return widths
 
 
@@ -172,9 +183,10 @@ def compare_in_one_process(num_data: int, rounds: int = 5) -> dict:
     """In one process, interleaved: to_dense() against its variants and against ``jacobian``.
 
     Variants, all ``hvp_mode="reverse"``: the timed default widths;
-    ``block_size=128``; and the default with the block products traced under
+    ``block_size=128``; the default with the block products traced under
     TensorFlow's own pfor rules instead of hessop's (see
-    ``hessop/_pfor.py``), which is what to_dense cost before that module.
+    ``hessop/_pfor.py``), which is what to_dense cost before that module;
+    and the default as one part, all rows of every column (before session 13).
     """
     import numpy as np
 
@@ -188,14 +200,23 @@ def compare_in_one_process(num_data: int, rounds: int = 5) -> dict:
     H_tf_rules = hessop.HessianOperator(model, loss_fn, (x, y), hvp_mode="reverse")
     with tensorflow_pfor_rules():  # the block product is traced here
         H_tf_rules.to_dense()
-    jacobian = jacobian_hessian(model, loss_fn, x, y)
-    jacobian()
+    H_one_part = hessop.HessianOperator(model, loss_fn, (x, y), hvp_mode="reverse")
+    all_variables = ((0, len(H_one_part._engine.sizes)),)
+    H_one_part._engine.variable_parts = lambda: all_variables
+    H_one_part.to_dense()
     calls = {
         "to_dense() (timed widths)": lambda: H.to_dense(),
         "to_dense(block_size=128)": lambda: H.to_dense(block_size=128),
         "to_dense(), TF's pfor rules": H_tf_rules.to_dense,
-        "jacobian": jacobian,
+        "to_dense(), one part": H_one_part.to_dense,
     }
+    # The deep model's jacobian peaks at 17.6 GiB alone, and beside the
+    # operators above the process was killed on a 24 GiB machine: its
+    # comparison with jacobian is the separate processes' second calls.
+    if MODEL != "deep":
+        jacobian = jacobian_hessian(model, loss_fn, x, y)
+        jacobian()
+        calls["jacobian"] = jacobian
     seconds: dict[str, list[float]] = {name: [] for name in calls}
     chosen = []
     for _ in range(rounds):
@@ -221,27 +242,50 @@ def hvp_flops_and_matmul_rates(num_data: int) -> dict:
     matmul rates give the scale: one float32 matmul of the first layer's
     shape with 64 tangents side by side (N × 64 times 64 × 64·64), and a
     large square one, each the best of its repeats.
+
+    ``to_dense`` works by parts of the variables (``Engine.variable_parts``):
+    a part's columns carry their tangent in its variables only and return
+    the rows from its first variable on. Its work per column of part p is
+    the same difference for that restricted product: a reverse-over-reverse
+    HVP with the tangent in the part's variables and the gradient of the
+    rows', less the loss and the gradient of the part's variables.
     """
     import numpy as np
     import tensorflow as tf
     from bench_hvp import reverse_over_reverse
 
+    import hessop
+
     model, loss_fn, x, y = build(num_data)
     variables = model.trainable_variables
-    hvp = tf.function(reverse_over_reverse(model, loss_fn, variables))
-    @tf.function
-    def loss_and_gradient(xb, yb):
-        with tf.GradientTape() as tape:
-            loss = tf.reduce_sum(loss_fn(yb, model(xb, training=False)))
-        return loss, tape.gradient(loss, variables)
 
     def flops(graph) -> int:
         options = tf.compat.v1.profiler.ProfileOptionBuilder.float_operation()
         options["output"] = "none"
         return int(tf.compat.v1.profiler.profile(graph, options=options).total_float_ops)
 
-    hvp_flops = flops(hvp.get_concrete_function(x, y, [tf.TensorSpec(v.shape, v.dtype) for v in variables]).graph)
-    gradient_flops = flops(loss_and_gradient.get_concrete_function(x, y).graph)
+    def hvp_and_gradient_flops(tangent_variables, row_variables) -> tuple[int, int]:
+        """Op counts of an HVP with the tangent in ``tangent_variables`` and the rows of ``row_variables``,
+        and of the loss and gradient of ``tangent_variables``."""
+        hvp = tf.function(reverse_over_reverse(model, loss_fn, tangent_variables, row_variables))
+
+        @tf.function
+        def loss_and_gradient(xb, yb):
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_sum(loss_fn(yb, model(xb, training=False)))
+            return loss, tape.gradient(loss, tangent_variables)
+
+        specs = [tf.TensorSpec(v.shape, v.dtype) for v in tangent_variables]
+        return flops(hvp.get_concrete_function(x, y, specs).graph), flops(loss_and_gradient.get_concrete_function(x, y).graph)
+
+    hvp_flops, gradient_flops = hvp_and_gradient_flops(variables, variables)
+
+    parts = hessop.HessianOperator(model, loss_fn, (x, y), batch_size=num_data)._engine.variable_parts()
+    sizes = [int(np.prod(v.shape)) for v in variables]
+    to_dense_flops = 0
+    for first, stop in parts:
+        part_hvp, part_gradient = hvp_and_gradient_flops(variables[first:stop], variables[first:])
+        to_dense_flops += sum(sizes[first:stop]) * (part_hvp - part_gradient)
 
     def matmul_rate(a_shape, b_shape, repeats=30):  # best of the repeats: what this shape can reach
         a, b = tf.random.normal(a_shape), tf.random.normal(b_shape)
@@ -252,16 +296,21 @@ def hvp_flops_and_matmul_rates(num_data: int) -> dict:
     return {
         "flops_per_hvp": hvp_flops,
         "flops_per_gradient": gradient_flops,
+        "to_dense_flops": to_dense_flops,
+        "parts": [[first, stop] for first, stop in parts],
         "P": sum(int(np.prod(v.shape)) for v in variables),
-        "matmul_layer_shape": matmul_rate((num_data, 64), (64, 64 * 64)),
+        "matmul_layer_shape": matmul_rate((num_data, 64), (64, MODELS[MODEL][0] * 64)),
         "matmul_2048": matmul_rate((2048, 2048), (2048, 2048), repeats=5),
     }
 
 
-def run_child(name: str, num_data: int) -> dict:
+def run_child(name: str, num_data: int, memory_limit_gb: float) -> dict:
     """Run one helper in a fresh process and return the JSON it prints."""
     proc = subprocess.run(
-        [sys.executable, __file__, "--child", name, "--num-data", str(num_data)],
+        [
+            sys.executable, __file__, "--child", name, "--num-data", str(num_data),
+            "--memory-limit-gb", str(memory_limit_gb), "--model", MODEL,
+        ],
         capture_output=True,
         text=True,
         timeout=1800,
@@ -273,15 +322,21 @@ def run_child(name: str, num_data: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--num-data", type=int, default=512)
-    parser.add_argument("--memory-limit-gb", type=float, default=16.0)
+    parser.add_argument(
+        "--memory-limit-gb", type=float, default=16.0, help="address-space limit of each child process (0: none); the deep model's jacobian needs more than 16"
+    )
     parser.add_argument(
         "--methods", nargs="+", default=["hessop", "hessop_reverse", "hessop_reverse_128", "jacobian", "per_column", "tf_hessians"]
     )
+    parser.add_argument("--model", choices=sorted(MODELS), default="mlp", help="mlp: 64-64-10 (P = 4,810); deep: 64-40-40-40-40-10 (P = 7,930)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    global MODEL
+    MODEL = args.model
     if args.child:
-        limit = int(args.memory_limit_gb * 2**30)
-        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+        if args.memory_limit_gb > 0:  # 0: no limit
+            limit = int(args.memory_limit_gb * 2**30)
+            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
         helpers = {"compare_in_one_process": compare_in_one_process, "throughput": hvp_flops_and_matmul_rates}
         result = helpers.get(args.child, lambda n: run_method(args.child, n))(args.num_data)
         print(json.dumps(result))
@@ -291,7 +346,10 @@ def main() -> None:
     results = {}
     for method in args.methods:
         proc = subprocess.run(
-            [sys.executable, __file__, "--child", method, "--num-data", str(args.num_data), "--memory-limit-gb", str(args.memory_limit_gb)],
+            [
+                sys.executable, __file__, "--child", method, "--num-data", str(args.num_data),
+                "--memory-limit-gb", str(args.memory_limit_gb), "--model", MODEL,
+            ],
             capture_output=True,
             text=True,
             timeout=1800,
@@ -305,7 +363,7 @@ def main() -> None:
     base = results.get("hessop", {}).get("seconds")
     base_second = results.get("hessop", {}).get("second")
     P = next(iter(results.values()))["P"] if results else "?"
-    print(f"model: MLP 64-64-10 tanh, N = {args.num_data}, float32, P = {P:,}" if results else "")
+    print(f"model: {model_name()}, N = {args.num_data}, float32, P = {P:,}" if results else "")
     reference = results.get("hessop") or results.get("hessop_reverse")
     for method, r in results.items():
         if method == "tf_hessians" or reference is None:
@@ -331,28 +389,30 @@ def main() -> None:
     # Block widths, pfor rules and jacobian side by side in one process
     # (process-to-process noise on a shared machine is as large as the
     # differences).
-    same = run_child("compare_in_one_process", args.num_data)
+    same = run_child("compare_in_one_process", args.num_data, args.memory_limit_gb)
     print("\nhvp_mode='reverse', one process, 5 interleaved rounds after warm-up:")
     medians = same["median"]
     default = medians["to_dense() (timed widths)"]
     print(table(["dense Hessian", "median s", "÷ to_dense()"], [[name, round(sec, 2), round(sec / default, 2)] for name, sec in medians.items()]))
     print(f"widths chosen in the five rounds: {same['chosen']}")
     # Work and throughput: what each route computes, and how fast.
-    work = run_child("throughput", args.num_data)
+    work = run_child("throughput", args.num_data, args.memory_limit_gb)
     per_tangent = work["flops_per_hvp"] - work["flops_per_gradient"]
     blocked, separate = work["P"] * per_tangent, work["P"] * work["flops_per_hvp"]
     print(
         f"\nwork (TF's op count): one full-data HVP {work['flops_per_hvp'] / 1e6:.1f} MFLOP, of which the loss and gradient "
         f"{work['flops_per_gradient'] / 1e6:.1f} and the part that depends on the tangent {per_tangent / 1e6:.1f}.\n"
-        f"A vectorised block computes the loss and gradient once, so a dense Hessian by blocks (to_dense, jacobian) "
+        f"A vectorised block computes the loss and gradient once, so a dense Hessian by blocks of all variables (jacobian) "
         f"does P × {per_tangent / 1e6:.1f} = {blocked / 1e9:.0f} GFLOP; by separate HVPs (per_column) P × "
-        f"{work['flops_per_hvp'] / 1e6:.1f} = {separate / 1e9:.0f} GFLOP."
+        f"{work['flops_per_hvp'] / 1e6:.1f} = {separate / 1e9:.0f} GFLOP.\n"
+        f"to_dense computes the lower block triangle by parts of the variables {work['parts']}: "
+        f"{work['to_dense_flops'] / 1e9:.0f} GFLOP (the same count for each part's restricted product)."
     )
-    print(f"TF float32 matmul here (best of 30): {work['matmul_layer_shape'] / 1e9:.0f} GFLOP/s at ({args.num_data} × 64)·(64 × 4096), "
+    print(f"TF float32 matmul here (best of 30): {work['matmul_layer_shape'] / 1e9:.0f} GFLOP/s at ({args.num_data} × 64)·(64 × {MODELS[MODEL][0] * 64}), "
           f"{work['matmul_2048'] / 1e9:.0f} GFLOP/s at 2048³")
     timings = {
-        "hessop to_dense(), one process (median above)": (default, blocked),
-        "jacobian, one process (median above)": (medians["jacobian"], blocked),
+        "hessop to_dense(), one process (median above)": (default, work["to_dense_flops"]),
+        **({"jacobian, one process (median above)": (medians["jacobian"], blocked)} if "jacobian" in medians else {}),
     }
     timings.update({f"{m}, second call": (r["second"], separate) for m, r in results.items() if m == "per_column"})
     print(table(

@@ -46,8 +46,12 @@ def data(num_data: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return rng.normal(size=(num_data, 784)).astype("float32"), rng.integers(0, 10, size=num_data).astype("int32")
 
 
-def reverse_over_reverse(model: keras.Model, loss_fn, variables: list):
-    """A hand-written reverse-over-reverse HVP of the summed loss on one batch (not compiled)."""
+def reverse_over_reverse(model: keras.Model, loss_fn, variables: list, row_variables: list | None = None):
+    """A hand-written reverse-over-reverse HVP of the summed loss on one batch (not compiled).
+
+    ``row_variables``: return only their rows (default ``variables``); the
+    tangent ``v`` is in ``variables``.
+    """
 
     def hvp(xb, yb, v):
         with tf.GradientTape() as outer:
@@ -55,7 +59,7 @@ def reverse_over_reverse(model: keras.Model, loss_fn, variables: list):
                 loss = tf.reduce_sum(loss_fn(yb, model(xb, training=False)))
             g = inner.gradient(loss, variables)
             dot = tf.add_n([tf.reduce_sum(a * b) for a, b in zip(g, v)])
-        return outer.gradient(dot, variables)
+        return outer.gradient(dot, variables if row_variables is None else row_variables)
 
     return hvp
 

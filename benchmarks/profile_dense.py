@@ -2,8 +2,11 @@
 
 Model as in ``bench_dense.py`` (MLP 64-64-10 tanh, N = 512, float32,
 P = 4,810). For each block width k and HVP mode, one vectorised block of k
-unit columns, run through the engine's own compiled block product (what
-``to_dense`` calls), is timed (median of repeats) and then profiled with
+unit columns, run through the engine's own compiled block product over all
+variables (what ``to_dense`` called before session 13; it now calls the
+same product restricted to a part of the variables, whose first part here,
+the first layer, differs only in leaving out the second layer's tangent),
+is timed (median of repeats) and then profiled with
 ``tf.profiler.experimental``; the ops' durations are summed by kind:
 
 * matmul: ``MatMul`` and ``BatchMatMulV2`` (oneDNN's ``_Mkl`` variants too);

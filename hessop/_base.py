@@ -193,13 +193,13 @@ class DataPassOperator(LinearOperator):
         # delay: a bar appears only for passes that last longer than a second.
         return tqdm(self._batches, total=self._batches.num_batches, desc=desc, leave=False, unit="batch", delay=1.0)
 
-    def _per_batch(self, name: str, rows: tf.Tensor) -> Callable[..., tf.Tensor]:
+    def _per_batch(self, name: str, rows: tf.Tensor, part: tuple[int, int] | None = None) -> Callable[..., tf.Tensor]:
         kind = _kind_of(rows)
         if name == "hvp":
             x0, y0 = self._probe_batch()
             # Timing the modes on a few rows keeps "auto" cheap for wide blocks.
-            return self._engine.hvp_function(kind, x0, y0, rows if kind == "single" else rows[:4])
-        return self._engine.function(name, kind)
+            return self._engine.hvp_function(kind, x0, y0, rows if kind == "single" else rows[:4], part)
+        return self._engine.function(name, kind, part)
 
     # The pass helpers take ``rows``: one vector (n,) or a block of k vectors as
     # rows (k, n), the layout vectorized_map maps over, and return the same
@@ -207,18 +207,24 @@ class DataPassOperator(LinearOperator):
     def _sized_batches(self) -> Any:
         return ((x, y, size) for (x, y), size in zip(self._iter_batches(type(self).__name__), self._batches.batch_sizes))
 
-    def _summed(self, name: str, rows: tf.Tensor) -> tf.Tensor:
-        """Σ over batches of product ``name`` (one data pass whatever k), times `scale`."""
-        fn = self._per_batch(name, rows)
+    def _summed(self, name: str, rows: tf.Tensor, part: tuple[int, int] | None = None) -> tf.Tensor:
+        """Σ over batches of product ``name`` (one data pass whatever k), times `scale`.
+
+        ``part``: a variable range (`Engine.variable_parts`) for the restricted
+        form of a symmetric product.
+        """
+        kind = _kind_of(rows)
+        fn = self._per_batch(name, rows, part)
         began = time.perf_counter()
         if self._replicas is not None:
-            total = self._replicas.summed(fn, self._sized_batches(), rows)
+            output_size = None if part is None else self.shape[0] - self._part_columns(part)[0]
+            total = self._replicas.summed(fn, self._sized_batches(), rows, output_size)
         else:
             total = _sum_over_batches(fn, ((x, y, rows) for x, y in self._iter_batches(type(self).__name__)))
         if name == "hvp":
             # Wall time of the pass (on a GPU, whose kernels run asynchronously,
             # an undercount: the "auto" mode search then comes later).
-            self._engine.record_hvp_seconds(_kind_of(rows), time.perf_counter() - began)
+            self._engine.record_hvp_seconds(kind, time.perf_counter() - began)
         return total if self.scale == 1.0 else total * tf.constant(self.scale, dtype=total.dtype)
 
     def _stacked(self, name: str, rows: tf.Tensor) -> tf.Tensor:
@@ -396,6 +402,16 @@ class DataPassOperator(LinearOperator):
         rows = tf.one_hot(tf.range(first, stop), self.shape[1], dtype=self._compute_dtype)
         return self._run_rows(self._apply, rows)
 
+    def _part_columns(self, part: tuple[int, int]) -> tuple[int, int]:
+        """The columns ``(start, stop)`` of a variable range ``part``."""
+        offsets = self._column_offsets
+        return int(offsets[part[0]]), int(offsets[part[1]])
+
+    @property
+    def _column_offsets(self) -> np.ndarray:
+        """Each variable's first column, and P: (number of variables + 1,)."""
+        return np.concatenate([[0], np.cumsum(self._engine.sizes)])
+
     # Blocks travel as rows (k, n): the transposes here are numpy views, and
     # _rows_tensor hands a C-order block's transpose to a TF op.
     def _matvec(self, x: np.ndarray) -> np.ndarray:
@@ -467,6 +483,28 @@ class SymmetricDataPassOperator(DataPassOperator):
     def _adjoint(self) -> SymmetricDataPassOperator:
         return self
 
+    @property
+    def _dense_parts(self) -> tuple[tuple[int, int], ...]:
+        """Column ranges of `Engine.variable_parts`: `to_dense` builds A[start:, start:stop] for each and mirrors the rest."""
+        return tuple(self._part_columns(part) for part in self._engine.variable_parts())
+
+    def _lower_block_rows(self, first: int, stop: int) -> np.ndarray:
+        """(A[start:, first:stop])ᵀ for the `_dense_parts` range (start, end) that holds columns first..stop-1.
+
+        The restricted product of that part's variables: its tangent enters
+        the graph where they are used, and no rows of earlier variables are
+        computed (their entries are the transposed rows of earlier columns).
+        """
+        parts = self._engine.variable_parts()
+        columns = [self._part_columns(part) for part in parts]
+        index = next((i for i, (start, end) in enumerate(columns) if start <= first < stop <= end), None)
+        if index is None:
+            msg = f"columns {first}:{stop} are not within one of the parts {columns}."
+            raise ValueError(msg)
+        start, end = columns[index]
+        rows = tf.one_hot(tf.range(first - start, stop - start), end - start, dtype=self._compute_dtype)
+        return self._run_rows(lambda r: self._summed(self._product, r, parts[index]), rows)
+
     def _transpose(self) -> SymmetricDataPassOperator:
         return self
 
@@ -475,7 +513,15 @@ class SymmetricDataPassOperator(DataPassOperator):
 
         Built from products with blocks of unit vectors, one data pass per
         block (unlike ``tf.hessians``, which returns only the per-variable
-        diagonal blocks of a Hessian).
+        diagonal blocks of a Hessian). The matrix being symmetric, only its
+        lower block triangle is computed: the variables fall into parts of
+        consecutive variables (small ones such as biases join the part
+        before), a block of a part's columns carries its tangent only in
+        that part's variables and returns only the rows from the part's
+        first variable on, and the rows above are the transposed rows of
+        earlier columns. For variables in the order the model uses them, a
+        column of a late layer then skips the early layers' work (one extra
+        graph trace per part).
 
         Parameters
         ----------

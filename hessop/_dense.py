@@ -10,7 +10,7 @@ import numpy as np
 
 from hessop._validation import check_positive_int
 
-__all__ = ["DEFAULT_MAX_DENSE", "TRIAL_BLOCK_SIZES", "dense_from_operator", "unit_block_product", "unit_blocks"]
+__all__ = ["DEFAULT_MAX_DENSE", "TRIAL_BLOCK_SIZES", "column_parts", "dense_from_operator", "lower_block_product", "unit_blocks"]
 
 DEFAULT_MAX_DENSE = 10_000
 
@@ -44,6 +44,11 @@ def dense_from_operator(op: Any, *, max_params: int, block_size: int | None) -> 
     where a width is slower than the best so far or the next one's memory
     would not fit (`_fill_timed_trials`). Every column is computed once
     either way.
+
+    A symmetric hessop operator splits its columns into parts of consecutive
+    variables (`column_parts`): the blocks of a part start with its own rows
+    (`lower_block_product`), and the rows above are mirrored from the columns
+    before. The blocks of a part never cross into the next.
     """
     n_rows, n_cols = op.shape
     if block_size is not None:
@@ -59,29 +64,50 @@ def dense_from_operator(op: Any, *, max_params: int, block_size: int | None) -> 
     start = 0
     if block_size is None:
         start, block_size = _fill_timed_trials(op, dense)
-    for first in range(start, n_cols, block_size):
-        _fill_block(op, dense, first, block_size)
+    while start < n_cols:
+        start = _fill_block(op, dense, start, block_size)
+    for part_start, part_stop in column_parts(op):
+        dense[:part_start, part_start:part_stop] = dense[part_start:part_stop, :part_start].T
     return dense
 
 
 def _fill_block(op: Any, dense: np.ndarray, start: int, width: int) -> int:
-    """dense[:, start:start + width] = op @ I[:, start:start + width]; returns the next column."""
-    stop = min(start + width, dense.shape[1])
-    dense[:, start:stop] = unit_block_product(op, start, stop)
+    """dense[r:, start:stop] = op[r:, start:stop], up to ``width`` columns within a part; returns ``stop``."""
+    stop = min(start + width, _part_of(op, start)[1])
+    row_start, block = lower_block_product(op, start, stop)
+    dense[row_start:, start:stop] = block
     return stop
 
 
-def unit_block_product(op: Any, start: int, stop: int) -> np.ndarray:
-    """op @ I[:, start:stop], shape (m, stop - start): columns start..stop-1 of ``op``.
+def column_parts(op: Any) -> tuple[tuple[int, int], ...]:
+    """Column ranges ``(start, stop)`` whose products `lower_block_product` restricts to rows ``start:``.
 
-    hessop's data-pass operators make the unit vectors themselves
-    (``_unit_block_rows``); any other LinearOperator gets them through ``matmat``.
+    One range, all columns, for operators other than hessop's symmetric ones.
     """
+    return getattr(op, "_dense_parts", None) or ((0, op.shape[1]),)
+
+
+def _part_of(op: Any, column: int) -> tuple[int, int]:
+    """The `column_parts` range that holds ``column``."""
+    return next((first, stop) for first, stop in column_parts(op) if first <= column < stop)
+
+
+def lower_block_product(op: Any, start: int, stop: int) -> tuple[int, np.ndarray]:
+    """``(r, op[r:, start:stop])`` where r is the first column of the `column_parts` range holding start..stop-1.
+
+    hessop's symmetric operators compute only those rows, with unit vectors
+    made on the device (``_lower_block_rows``), and its other data-pass
+    operators all rows (``_unit_block_rows``); any other LinearOperator gets
+    its unit vectors through ``matmat`` (r = 0).
+    """
+    lower_block_rows = getattr(op, "_lower_block_rows", None)
+    if lower_block_rows is not None:
+        return _part_of(op, start)[0], lower_block_rows(start, stop).T
     unit_block_rows = getattr(op, "_unit_block_rows", None)
     if unit_block_rows is not None:
-        return unit_block_rows(start, stop).T
+        return 0, unit_block_rows(start, stop).T
     _, unit = next(unit_blocks(op.shape[1], stop - start, op.dtype, start=start))
-    return op.matmat(unit)
+    return 0, op.matmat(unit)
 
 
 def _fill_timed_trials(op: Any, dense: np.ndarray) -> tuple[int, int]:
@@ -93,6 +119,15 @@ def _fill_timed_trials(op: Any, dense: np.ndarray) -> tuple[int, int]:
     blocks, of which the lesser time per column counts. The next width is
     tried while columns remain, this one was not slower than the best by
     more than ``_SLOWER_BY``, and its peak memory fits (`_MemoryWatch`).
+
+    With `column_parts`, the trials begin in the first part and go on into
+    the next where it ends; neither a block cut short at the end of a part
+    nor the first block of a width in a part (it may trace the part's
+    graph) is timed. For variables in the order the model uses them, the
+    first part costs the most memory a column (its tangent enters the model
+    first, and it computes all rows), so widths chosen there fit the later
+    parts; those cost less time a column, too, so a width timed there looks
+    faster than it would in the first.
     """
     n_cols = dense.shape[1]
     start = 0
@@ -101,15 +136,15 @@ def _fill_timed_trials(op: Any, dense: np.ndarray) -> tuple[int, int]:
     for width in TRIAL_BLOCK_SIZES:
         if start >= n_cols or not watch.allows(width):
             break
-        samples = []
-        for timed in (False, True, True):
-            if start >= n_cols:
-                break
+        samples: list[float] = []
+        warm_part = None  # the part in which a block of this width has run
+        while len(samples) < 2 and start < n_cols:
+            part = _part_of(op, start)
             began = _clock()
             stop = _fill_block(op, dense, start, width)
-            if timed:
-                samples.append((_clock() - began) / (stop - start))
-            start = stop
+            if part == warm_part and stop - start == width:  # not cut short by the end of the part
+                samples.append((_clock() - began) / width)
+            warm_part, start = part, stop
         watch.record(width)
         if not samples:
             break

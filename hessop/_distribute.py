@@ -95,11 +95,21 @@ class Replicas:
                 total = self.strategy.run(lambda acc, *a: acc + fn(*a), args=(total, *args))
         return self.strategy.reduce(tf.distribute.ReduceOp.SUM, total, axis=None)
 
-    def summed(self, fn: Callable[..., tf.Tensor], batches: Iterable[tuple[Any, Any, int]], rows: tf.Tensor) -> tf.Tensor:
-        """Σ over batches and replicas of ``fn(x_shard, y_shard, rows)``; one all-reduce."""
+    def summed(
+        self,
+        fn: Callable[..., tf.Tensor],
+        batches: Iterable[tuple[Any, Any, int]],
+        rows: tf.Tensor,
+        output_size: int | None = None,
+    ) -> tf.Tensor:
+        """Σ over batches and replicas of ``fn(x_shard, y_shard, rows)``; one all-reduce.
+
+        ``output_size``: the length of ``fn``'s last output axis where it is
+        not that of ``rows`` (the restricted products of `to_dense`).
+        """
         rows_on_replicas = self.replicate(rows)
         arguments = ((self.shard(x, size), self.shard(y, size), rows_on_replicas) for x, y, size in batches)
-        return self._accumulate(self._guard(fn, None), arguments)
+        return self._accumulate(self._guard(fn, output_size), arguments)
 
     def stacked(self, fn: Callable[..., tf.Tensor], batches: Iterable[tuple[Any, Any, int]], rows: tf.Tensor) -> tf.Tensor:
         """Per-example outputs of ``fn`` gathered in example order (along the last axis)."""

@@ -28,10 +28,19 @@ name               input          output      value
 ``jvp_outputs``    v (P,)         (B·C,)      J_f v, example-major
 ``vjp_outputs``    u (B·C,)       (P,)        J_fᵀ u
 =================  =============  ==========  =====================================
+
+The symmetric products (both HVPs, ``opg``, ``ggn``) also come restricted to
+a *part*, a range ``(first, stop)`` of consecutive variables: the tangent
+lives in ``variables[first:stop]`` and the output holds only the rows of
+``variables[first:]``. `to_dense` builds the lower block triangle of a
+symmetric matrix from these and mirrors the rest: the tangent then enters
+the graph only where those variables are used, and the backward pass stops
+at the first of them, so a column of a late layer skips the early layers.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 import statistics
 import time
@@ -69,6 +78,15 @@ _MODE_TIMING_SECONDS = 0.25
 _MODE_SEARCH_AFTER = 4.0
 # Products whose vector has one entry per example (or per output) of the batch.
 _PER_EXAMPLE_INPUTS = frozenset({"vjp_loss", "vjp_outputs"})
+# Products with a restricted form for a part of the variables (see the module docstring).
+_SYMMETRIC_PRODUCTS = frozenset({"hvp_forward", "hvp_reverse", "opg", "ggn"})
+# `variable_parts`: a new part begins at a variable of at least this many
+# entries once the current part has as many, where the count is the larger
+# of _MIN_PART_SIZE and P / _MAX_PARTS. Each part is a graph of its own to
+# trace (0.2-0.5 s for a vectorised block of a small MLP), so tiny variables
+# (biases, norms) join their neighbours instead of starting parts.
+_MIN_PART_SIZE = 64
+_MAX_PARTS = 16
 # What TensorFlow raises while tracing when forward mode has no rule for an
 # op, or pfor cannot convert one (e.g. second derivatives through the
 # while loop of a Keras RNN layer).
@@ -280,7 +298,7 @@ class Engine:
             "jvp_outputs": self._jvp_outputs,
             "vjp_outputs": self._vjp_outputs,
         }
-        self._compiled: dict[tuple[str, str], Callable[..., tf.Tensor]] = {}
+        self._compiled: dict[tuple[str, str, tuple[int, int] | None], Callable[..., tf.Tensor]] = {}
         # Set on the first trace that needed them, so later traces skip the attempt.
         self._looped_blocks: set[str] = set()
         self._forward_mode_unavailable = False
@@ -293,11 +311,21 @@ class Engine:
         return tf.function(fn, reduce_retracing=True, jit_compile=self.jit_compile)
 
     # -- compiled products --------------------------------------------------------
-    def function(self, name: str, kind: str) -> Callable[..., tf.Tensor]:
-        """Compiled per-batch product ``name``; ``kind`` "single" (vector) or "block" (k, n)."""
-        key = (name, kind)
+    def function(self, name: str, kind: str, part: tuple[int, int] | None = None) -> Callable[..., tf.Tensor]:
+        """Compiled per-batch product ``name``; ``kind`` "single" (vector) or "block" (k, n).
+
+        ``part``: a variable range from `variable_parts`, for the restricted
+        form of a symmetric product (its input has the part's entries, its
+        output those of ``variables[part[0]:]``).
+        """
+        key = (name, kind, part)
         if key not in self._compiled:
             single = self._singles[name]
+            if part is not None:
+                if name not in _SYMMETRIC_PRODUCTS:
+                    msg = f"part: only the symmetric products {sorted(_SYMMETRIC_PRODUCTS)} take one, not {name!r}."
+                    raise ValueError(msg)
+                single = functools.partial(single, part=part)
             if kind == "single":
                 fn = single
             else:
@@ -328,26 +356,29 @@ class Engine:
             )
         return self._compiled[key]
 
-    def hvp_function(self, kind: str, x: Any, y: Any, probe: tf.Tensor) -> Callable[..., tf.Tensor]:
-        """The compiled per-batch HVP for ``kind`` in {"single", "block"}.
+    def hvp_function(
+        self, kind: str, x: Any, y: Any, probe: tf.Tensor, part: tuple[int, int] | None = None
+    ) -> Callable[..., tf.Tensor]:
+        """The compiled per-batch HVP for ``kind`` in {"single", "block"} (restricted to ``part``, if given).
 
         With ``hvp_mode="auto"`` it is reverse-over-reverse (the mode that
         always works and traces fastest) until those products, as reported by
         `record_hvp_seconds`, have taken ``_MODE_SEARCH_AFTER`` times as long
         as tracing the first one did; the next call then times both modes on
-        the given batch (after tracing) and keeps the faster for this kind.
+        the given batch (after tracing) and keeps the faster for this kind,
+        parts included (the search times the ``part`` it is called with).
         """
         if self.hvp_mode == "auto" and kind not in self._chosen_mode:
             if kind not in self._reverse_trace_seconds:
                 began = time.perf_counter()
-                self.function("hvp_reverse", kind)(x, y, probe).numpy()  # trace
+                self.function("hvp_reverse", kind, part)(x, y, probe).numpy()  # trace
                 self._reverse_trace_seconds[kind] = time.perf_counter() - began
                 self._provisional_seconds[kind] = 0.0
             if self._forward_mode_unavailable:
                 self._chosen_mode[kind] = "reverse"  # found (and reported) while tracing
             elif self._provisional_seconds[kind] >= _MODE_SEARCH_AFTER * self._reverse_trace_seconds[kind]:
-                self._choose_mode(kind, x, y, probe)
-        return self.function(f"hvp_{self.hvp_mode_in_use(kind)}", kind)
+                self._choose_mode(kind, x, y, probe, part)
+        return self.function(f"hvp_{self.hvp_mode_in_use(kind)}", kind, part)
 
     def hvp_mode_in_use(self, kind: str) -> str:
         """The mode of the HVPs of ``kind`` now: "forward" or "reverse" (also while "auto" has not searched)."""
@@ -360,12 +391,12 @@ class Engine:
         if kind in self._provisional_seconds and kind not in self._chosen_mode:
             self._provisional_seconds[kind] += seconds
 
-    def _choose_mode(self, kind: str, x: Any, y: Any, probe: tf.Tensor) -> str:
+    def _choose_mode(self, kind: str, x: Any, y: Any, probe: tf.Tensor, part: tuple[int, int] | None = None) -> str:
         candidates: dict[str, Callable[..., tf.Tensor]] = {}
         for mode in ("reverse", "forward"):
             if mode == "forward" and self._forward_mode_unavailable:
                 continue  # found (and reported) while tracing the other kind
-            fn = self.function(f"hvp_{mode}", kind)
+            fn = self.function(f"hvp_{mode}", kind, part)
             try:
                 fn(x, y, probe).numpy()  # trace
             except _TRACE_ERRORS as err:
@@ -400,10 +431,35 @@ class Engine:
         return best
 
     # -- flat layout (traced) -------------------------------------------------
-    def split(self, vector: tf.Tensor) -> list[tf.Tensor]:
-        """Flat (P,) tensor -> list of tensors shaped like the variables."""
-        parts = tf.split(vector, self.sizes, axis=-1)
-        return [tf.reshape(p, s) for p, s in zip(parts, self.shapes)]
+    def variable_parts(self) -> tuple[tuple[int, int], ...]:
+        """Consecutive variable ranges ``(first, stop)`` covering all variables, for `to_dense`.
+
+        A part ends before a variable of at least ``max(_MIN_PART_SIZE, P /
+        _MAX_PARTS)`` entries once it holds that many itself; smaller
+        variables stay with the part before them.
+        """
+        min_size = max(_MIN_PART_SIZE, self.num_params // _MAX_PARTS)
+        parts, first, size_so_far = [], 0, 0
+        for index, size in enumerate(self.sizes):
+            if index > first and size_so_far >= min_size and size >= min_size:
+                parts.append((first, index))
+                first, size_so_far = index, 0
+            size_so_far += size
+        parts.append((first, len(self.sizes)))
+        return tuple(parts)
+
+    def part_variables(self, part: tuple[int, int] | None) -> tuple[list[tf.Variable], list[tf.Variable]]:
+        """The variables a restricted product takes its tangent in, and those it returns rows for."""
+        if part is None:
+            return self.variables, self.variables
+        first, stop = part
+        return self.variables[first:stop], self.variables[first:]
+
+    def split(self, vector: tf.Tensor, part: tuple[int, int] | None = None) -> list[tf.Tensor]:
+        """Flat (P,) tensor -> list of tensors shaped like the variables (those of ``part`` only, if given)."""
+        first, stop = (0, len(self.sizes)) if part is None else part
+        pieces = tf.split(vector, self.sizes[first:stop], axis=-1)
+        return [tf.reshape(p, s) for p, s in zip(pieces, self.shapes[first:stop])]
 
     @staticmethod
     def concat(tensors: Sequence[tf.Tensor]) -> tf.Tensor:
@@ -474,22 +530,27 @@ class Engine:
             loss = self._loss_sum(x, y)
         return loss, self.concat(_dense(tape.gradient(loss, self.variables, unconnected_gradients=_ZERO)))
 
-    def _gradient_parts(self, tape: tf.GradientTape, target: tf.Tensor, output_gradients: Any = None) -> list[tf.Tensor]:
-        return _dense(tape.gradient(target, self.variables, output_gradients=output_gradients, unconnected_gradients=_ZERO))
+    def _gradient_parts(
+        self, tape: tf.GradientTape, target: tf.Tensor, output_gradients: Any = None, variables: Sequence[Any] | None = None
+    ) -> list[tf.Tensor]:
+        sources = self.variables if variables is None else variables
+        return _dense(tape.gradient(target, sources, output_gradients=output_gradients, unconnected_gradients=_ZERO))
 
-    def _linearize(self, compute: Callable[[], Any], v: tf.Tensor) -> tuple[Any, Any]:
+    def _linearize(self, compute: Callable[[], Any], v: tf.Tensor, part: tuple[int, int] | None = None) -> tuple[Any, Any]:
         """``compute()`` and its Jacobian-vector product along the flat ``v``.
 
         Forward mode (``ForwardAccumulator``) where TensorFlow has forward
         rules for every op; otherwise, e.g. through the while loop of a Keras
         RNN layer, the same product from two reverse passes: J v is the
         gradient of ⟨Jᵀu, v⟩ with respect to u (about twice the cost).
-        Tapes outside this call record ``compute()`` either way.
+        Tapes outside this call record ``compute()`` either way. ``part``:
+        ``v`` is a tangent in that part's variables only.
         """
-        tangents = self.split(v)
+        tangents = self.split(v, part)
+        variables = self.part_variables(part)[0]
         if not self._forward_mode_unavailable:
             try:
-                with tf.autodiff.ForwardAccumulator(self.variables, tangents) as acc:
+                with tf.autodiff.ForwardAccumulator(variables, tangents) as acc:
                     value = compute()
                 return value, acc.jvp(value, unconnected_gradients=_ZERO)
             except _TRACE_ERRORS as error:
@@ -499,7 +560,7 @@ class Engine:
                 value = compute()
             cotangent = tf.nest.map_structure(tf.zeros_like, value)
             dual.watch(cotangent)
-            vjp = self._gradient_parts(primal, value, cotangent)
+            vjp = self._gradient_parts(primal, value, cotangent, variables)
             dot = tf.add_n([tf.reduce_sum(g * t) for g, t in zip(vjp, tangents)])
         jvp = dual.gradient(dot, cotangent, unconnected_gradients=_ZERO)
         if not self._forward_mode_unavailable:
@@ -511,12 +572,13 @@ class Engine:
         return value, jvp
 
     # -- Hessian-vector products (traced) ---------------------------------------
-    def _hvp_forward(self, x: Any, y: Any, v: tf.Tensor) -> tf.Tensor:
+    def _hvp_forward(self, x: Any, y: Any, v: tf.Tensor, part: tuple[int, int] | None = None) -> tf.Tensor:
+        tangent_variables, row_variables = self.part_variables(part)
         try:
-            with tf.autodiff.ForwardAccumulator(self.variables, self.split(v)) as acc:
+            with tf.autodiff.ForwardAccumulator(tangent_variables, self.split(v, part)) as acc:
                 with tf.GradientTape() as tape:
                     loss = self._loss_sum(x, y)
-                grads = self._gradient_parts(tape, loss)
+                grads = self._gradient_parts(tape, loss, variables=row_variables)
         except _TRACE_ERRORS as error:
             # A mistake in the model or loss fails the same way without the
             # accumulator: raise that one as it is.
@@ -529,14 +591,15 @@ class Engine:
             raise ValueError(msg) from error
         return self.concat(acc.jvp(grads, unconnected_gradients=_ZERO))
 
-    def _hvp_reverse(self, x: Any, y: Any, v: tf.Tensor) -> tf.Tensor:
-        tangents = self.split(tf.stop_gradient(v))
+    def _hvp_reverse(self, x: Any, y: Any, v: tf.Tensor, part: tuple[int, int] | None = None) -> tf.Tensor:
+        tangent_variables, row_variables = self.part_variables(part)
+        tangents = self.split(tf.stop_gradient(v), part)
         with tf.GradientTape() as outer:
             with tf.GradientTape() as inner:
                 loss = self._loss_sum(x, y)
-            grads = self._gradient_parts(inner, loss)
+            grads = self._gradient_parts(inner, loss, variables=tangent_variables)
             dot = tf.add_n([tf.reduce_sum(g * t) for g, t in zip(grads, tangents)])
-        return self.concat(self._gradient_parts(outer, dot))
+        return self.concat(self._gradient_parts(outer, dot, variables=row_variables))
 
     # -- per-example loss Jacobian (traced) -----------------------------------------
     def _jvp_loss(self, x: Any, y: Any, v: tf.Tensor) -> tf.Tensor:
@@ -547,11 +610,12 @@ class Engine:
             losses = self._per_example_loss(x, y, strict=True)
         return self.concat(self._gradient_parts(tape, losses, tf.stop_gradient(u)))
 
-    def _opg(self, x: Any, y: Any, v: tf.Tensor) -> tf.Tensor:
+    def _opg(self, x: Any, y: Any, v: tf.Tensor, part: tuple[int, int] | None = None) -> tf.Tensor:
         # One forward pass carries both modes: J v forward, then J^T (J v) backward.
         with tf.GradientTape() as tape:
-            losses, jv = self._linearize(lambda: self._per_example_loss(x, y, strict=True), v)
-        return self.concat(self._gradient_parts(tape, losses, tf.stop_gradient(jv)))
+            losses, jv = self._linearize(lambda: self._per_example_loss(x, y, strict=True), v, part)
+        rows = self.part_variables(part)[1]
+        return self.concat(self._gradient_parts(tape, losses, tf.stop_gradient(jv), rows))
 
     def _per_example_gradients(self, x: Any, y: Any) -> tf.Tensor:
         """(B, P) per-example gradients, vectorized by the tape's pfor Jacobian."""
@@ -572,9 +636,9 @@ class Engine:
         cotangent = tf.reshape(tf.stop_gradient(u), tf.shape(outputs))
         return self.concat(self._gradient_parts(tape, outputs, cotangent))
 
-    def _ggn(self, x: Any, y: Any, v: tf.Tensor) -> tf.Tensor:
+    def _ggn(self, x: Any, y: Any, v: tf.Tensor, part: tuple[int, int] | None = None) -> tf.Tensor:
         with tf.GradientTape() as tape:
-            predictions, jv = self._linearize(lambda: self._call_model(x), v)
+            predictions, jv = self._linearize(lambda: self._call_model(x), v, part)
         # Hessian of the summed loss w.r.t. the outputs, times J v. Losses are
         # separable over examples, so this is the per-example Hessian blocks at once.
         fixed = tf.stop_gradient(predictions)
@@ -586,4 +650,5 @@ class Engine:
             grad_f = inner.gradient(loss, fixed, unconnected_gradients=_ZERO)
             dot = tf.reduce_sum(grad_f * tf.stop_gradient(jv))
         hjv = outer.gradient(dot, fixed, unconnected_gradients=_ZERO)
-        return self.concat(self._gradient_parts(tape, predictions, tf.stop_gradient(hjv)))
+        rows = self.part_variables(part)[1]
+        return self.concat(self._gradient_parts(tape, predictions, tf.stop_gradient(hjv), rows))

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from hessop._dense import DEFAULT_MAX_DENSE, unit_block_product
+from hessop._dense import DEFAULT_MAX_DENSE, column_parts, lower_block_product
 from hessop._validation import check_positive_int
 
 __all__ = ["trace", "diagonal", "row_sums", "spectral_density", "SpectralDensity"]
@@ -142,9 +142,11 @@ def diagonal(
             )
             raise ValueError(msg)
         out = np.empty(size)
-        for start in range(0, size, block_size):
-            stop = min(start + block_size, size)
-            out[start:stop] = np.diagonal(unit_block_product(op, start, stop)[start:stop])
+        for part_start, part_stop in column_parts(op):
+            for start in range(part_start, part_stop, block_size):
+                stop = min(start + block_size, part_stop)
+                row_start, block = lower_block_product(op, start, stop)
+                out[start:stop] = np.diagonal(block[start - row_start : stop - row_start])
         return out
     num_matvecs = check_positive_int(num_matvecs, "num_matvecs")
     probes = _rademacher(np.random.default_rng(seed), size, num_matvecs, np.float64)

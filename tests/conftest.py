@@ -27,6 +27,8 @@ try:
 except RuntimeError:  # already initialised (e.g. a plugin ran TF first): distribute tests skip
     pass
 
+from hessop import _engine  # noqa: E402 - after the device configuration above
+
 F64 = "float64"
 
 
@@ -207,6 +209,13 @@ CASES = {
     "conv": conv_case,
     "multi_input": multi_input_case,
 }
+
+
+@pytest.fixture
+def parts_per_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every variable a part of its own for `to_dense` (the tiny cases here are otherwise one part)."""
+    monkeypatch.setattr(_engine, "_MIN_PART_SIZE", 1)
+    monkeypatch.setattr(_engine, "_MAX_PARTS", 2**62)
 
 
 @pytest.fixture(params=sorted(CASES))

@@ -34,6 +34,21 @@ class RecordingOperator(LinearOperator):
         return self._matmat(x.reshape(-1, 1)).reshape(-1)
 
 
+class PartedOperator(RecordingOperator):
+    """A symmetric matrix whose columns come in parts, as hessop's symmetric operators: only rows from the part's start."""
+
+    def __init__(self, matrix, parts, seconds_per_column=None):
+        super().__init__(matrix, seconds_per_column)
+        self._dense_parts = parts
+        self.blocks: list[tuple[int, int]] = []
+
+    def _lower_block_rows(self, first, stop):
+        row_start = next(start for start, end in self._dense_parts if start <= first < end)
+        assert stop <= next(end for start, end in self._dense_parts if start <= first < end)
+        self.blocks.append((first, stop))
+        return self._matmat(np.eye(self.shape[1])[:, first:stop])[row_start:].T
+
+
 def banded(size: int) -> sp.csr_matrix:
     rng = np.random.default_rng(0)
     return sp.diags([rng.normal(size=size - 2), rng.normal(size=size), rng.normal(size=size - 3)], [-2, 0, 3]).tocsr()
@@ -71,6 +86,24 @@ def test_widths_grow_while_faster_and_the_fastest_builds_the_rest(fake_clock_and
     rest = 3500 - sum(trials)
     assert op.widths[len(trials) :] == [64] * (rest // 64) + [rest % 64]
     assert np.array_equal(dense, op.matrix.toarray())
+
+
+def test_parts_build_their_lower_blocks_and_mirror_the_rest(fake_clock_and_memory):
+    matrix = banded(2000)
+    matrix = (matrix + matrix.T).tocsr()
+    parts = ((0, 1000), (1000, 1010), (1010, 2000))
+    # Widths: 16, 32, 64 and 128 three times each (720 columns); 256 to the
+    # end of the first part (256, then 24 cut short: untimed), then the
+    # second part (10, cut short), then the third (its first block untimed,
+    # two timed); 512 only to the end (222, untimed), so 256 builds no more.
+    costs = {w: 1.0 / w for w in TRIAL_BLOCK_SIZES}
+    op = PartedOperator(matrix, parts, costs)
+    fake_clock_and_memory["op"] = op
+    dense = dense_from_operator(op, max_params=10_000, block_size=None)
+    assert np.array_equal(dense, matrix.toarray())
+    assert op.widths == [w for w in (16, 32, 64, 128) for _ in range(3)] + [256, 24, 10, 256, 256, 256, 222]
+    assert all(any(start <= first < stop <= end for start, end in parts) for first, stop in op.blocks)
+    assert [first for first, _ in op.blocks] == [0, *np.cumsum(op.widths)[:-1]]
 
 
 def test_a_width_whose_memory_would_not_fit_is_not_tried(fake_clock_and_memory):

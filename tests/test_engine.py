@@ -83,3 +83,37 @@ def test_jacobian_vector_products_from_two_reverse_passes_when_forward_mode_fail
     operator = make(rnn)
     with pytest.warns(UserWarning, match=TWO_REVERSE_PASSES):
         check(operator, reference(rnn), looped=looped)
+
+
+@pytest.mark.parametrize(
+    ("make", "reference"),
+    [
+        (lambda c: HessianOperator(c.model, c.loss_fn, (c.x, c.y), batch_size=5, hvp_mode="reverse"), dense_hessian),
+        (lambda c: GGNOperator(c.model, c.loss_fn, (c.x, c.y), batch_size=5), dense_ggn),
+    ],
+    ids=["hessian-reverse", "ggn"],
+)
+def test_to_dense_by_parts_through_the_fallbacks(rnn, make, reference, parts_per_variable):
+    # The restricted products of to_dense loop over their blocks, and the
+    # GGN's Jacobian-vector products take two reverse passes in a part too.
+    operator = make(rnn)
+    assert len(operator._dense_parts) == len(rnn.variables) == 5
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dense = operator.to_dense(block_size=4)
+    np.testing.assert_allclose(dense, reference(rnn), rtol=1e-10, atol=1e-12)
+
+
+def test_variable_parts_keep_small_variables_with_the_part_before():
+    # Kernel 10×50, bias 50, kernel 50×5, bias 5, kernel 5×1, bias 1: P = 811,
+    # so a part begins at a variable of 64 entries or more (the larger of 64
+    # and P / 16) once the part before has that many.
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [keras.Input((10,)), keras.layers.Dense(50), keras.layers.Dense(5), keras.layers.Dense(1)]
+    )
+    engine = _engine.Engine(model, None)
+    assert engine.sizes == [500, 50, 250, 5, 5, 1]
+    assert engine.variable_parts() == ((0, 2), (2, 6))
+    with pytest.raises(ValueError, match="part: only the symmetric products"):
+        engine.function("jvp_loss", "block", (0, 2))

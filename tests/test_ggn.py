@@ -13,7 +13,10 @@ def ggn(case, **kwargs):
     return hessop.GGNOperator(case.model, case.loss_fn, (case.x, case.y), params=case.params, **kwargs)
 
 
-def test_ggn_matches_autodiff_reference(case):
+@pytest.mark.parametrize("parts", ["one part", "a part per variable"])
+def test_ggn_matches_autodiff_reference(case, parts, request):
+    if parts == "a part per variable":
+        request.getfixturevalue("parts_per_variable")
     assert rel_err(ggn(case, batch_size=16).to_dense(), dense_ggn(case)) < 1e-10
 
 

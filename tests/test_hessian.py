@@ -72,8 +72,10 @@ def test_to_dense_matches_autodiff_reference(case):
 
 
 def test_default_to_dense_times_block_widths_and_matches_autodiff():
-    # P = 805: three blocks each of 16, 32, 64 and 128 columns take 720; the
-    # 85 left go to one (untimed) block of the next width.
+    # P = 805 in two parts: the first layer's kernel and bias (550 columns),
+    # then the second's (255). Trials of three blocks each of 16, 32 and 64
+    # columns take 336; 128 runs on to the end of the first part (128, then
+    # 86) and into the second.
     from conftest import Case
 
     rng = np.random.default_rng(5)
@@ -89,16 +91,29 @@ def test_default_to_dense_times_block_widths_and_matches_autodiff():
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None, dtype="float64")
     case = Case("wide_mlp", model, loss, x, y)
     H = operator(case, batch_size=16)
-    widths = []
-    unit_block_rows = H._unit_block_rows
-    H._unit_block_rows = lambda first, stop: widths.append(stop - first) or unit_block_rows(first, stop)
+    assert H._dense_parts == ((0, 550), (550, 805))
+    blocks = []
+    lower_block_rows = H._lower_block_rows
+    H._lower_block_rows = lambda first, stop: blocks.append((first, stop)) or lower_block_rows(first, stop)
     dense = H.to_dense()
-    assert H.num_params == 805
+    widths = [stop - first for first, stop in blocks]
     # Growth stops early only if a width is 10 % slower than the best so far.
-    tried = [w for w in TRIAL_BLOCK_SIZES[:4] if w in widths]
+    tried = [w for w in TRIAL_BLOCK_SIZES[:3] if w in widths]
     assert widths[: 3 * len(tried)] == [w for w in tried for _ in range(3)]
+    assert all(stop <= 550 or first >= 550 for first, stop in blocks)  # no block crosses a part
+    assert [first for first, _ in blocks] == [0, *np.cumsum(widths)[:-1]]
     assert sum(widths) == 805
     assert rel_err(dense, dense_hessian(case)) < 1e-10
+    assert np.array_equal(dense[:550, 550:], dense[550:, :550].T)  # the rows above a part mirror its columns
+
+
+@pytest.mark.parametrize("hvp_mode", ["reverse", "forward"])
+def test_to_dense_by_parts_of_single_variables_matches_autodiff(case, hvp_mode, parts_per_variable):
+    H = operator(case, batch_size=16, hvp_mode=hvp_mode)
+    assert len(H._dense_parts) == len(case.variables)
+    expected = dense_hessian(case)
+    assert rel_err(H.to_dense(block_size=3), expected) < 1e-10
+    assert rel_err(hessop.diagonal(H, method="exact", block_size=3), np.diag(expected)) < 1e-10
 
 
 def test_mlp_off_diagonal_blocks_are_present(mlp):
@@ -143,7 +158,7 @@ def test_xla_compiled_products_match_autodiff(mlp, mode):
     block = np.random.default_rng(4).normal(size=(H.shape[0], 3))
     assert rel_err(H @ block[:, 0], dense @ block[:, 0]) < 1e-10
     assert rel_err(H @ block, dense @ block) < 1e-10
-    assert set(H._engine._compiled) == {(f"hvp_{mode}", "single"), (f"hvp_{mode}", "block")}
+    assert set(H._engine._compiled) == {(f"hvp_{mode}", "single", None), (f"hvp_{mode}", "block", None)}
     assert compiled_with_xla(H)
 
 
@@ -161,7 +176,7 @@ def test_each_product_is_traced_once_for_all_batch_sizes_and_block_widths(mlp):
         block = rng.normal(size=(H.shape[0], width))
         assert rel_err(H @ block, dense @ block) < 1e-10
     compiled = H._engine._compiled
-    assert set(compiled) == {("hvp_reverse", "single"), ("hvp_reverse", "block")}
+    assert set(compiled) == {("hvp_reverse", "single", None), ("hvp_reverse", "block", None)}
     assert [compiled[key].tracing_count for key in sorted(compiled)] == [1, 1]
 
 
@@ -175,7 +190,7 @@ def test_auto_mode_starts_reverse_and_searches_once_the_products_paid_for_it(mlp
     vector, block = np.ones(H.shape[0]), np.ones((H.shape[0], 3))
     assert rel_err(H @ vector, dense @ vector) < 1e-10
     assert rel_err(H @ block, dense @ block) < 1e-10
-    assert set(engine._compiled) == {("hvp_reverse", "single"), ("hvp_reverse", "block")}
+    assert set(engine._compiled) == {("hvp_reverse", "single", None), ("hvp_reverse", "block", None)}
     assert engine._chosen_mode == {} and engine.timings == {}
     assert 0 < engine._provisional_seconds["single"] < _engine._MODE_SEARCH_AFTER * engine._reverse_trace_seconds["single"]
 
@@ -183,7 +198,7 @@ def test_auto_mode_starts_reverse_and_searches_once_the_products_paid_for_it(mlp
     assert rel_err(H @ vector, dense @ vector) < 1e-10
     assert engine._chosen_mode["single"] in ("forward", "reverse")
     assert set(engine.timings) == {"single"} and set(engine.timings["single"]) == {"forward", "reverse"}
-    assert ("hvp_forward", "block") not in engine._compiled
+    assert ("hvp_forward", "block", None) not in engine._compiled
 
     chosen = engine._chosen_mode["single"]
     engine.record_hvp_seconds("single", 1e9)  # no second search
@@ -195,7 +210,7 @@ def test_fixed_mode_never_searches(mlp):
     H = operator(mlp, batch_size=32, hvp_mode="forward")
     H._engine.record_hvp_seconds("single", 1e9)
     H @ np.ones(H.shape[0])
-    assert set(H._engine._compiled) == {("hvp_forward", "single")}
+    assert set(H._engine._compiled) == {("hvp_forward", "single", None)}
     assert H._engine.timings == {}
 
 
@@ -211,8 +226,8 @@ def test_auto_mode_times_alternating_rounds_within_bounds(mlp, monkeypatch, seco
     calls = []
     function = engine.function
 
-    def recording(name, kind):
-        fn = function(name, kind)
+    def recording(name, kind, part=None):
+        fn = function(name, kind, part)
         return lambda *args: calls.append(name) or fn(*args)
 
     monkeypatch.setattr(engine, "function", recording)

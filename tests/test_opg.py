@@ -10,7 +10,10 @@ from conftest import compiled_with_xla, dense_per_example_gradients, rel_err
 import hessop
 
 
-def test_opg_equals_jtj_over_n(case):
+@pytest.mark.parametrize("parts", ["one part", "a part per variable"])
+def test_opg_equals_jtj_over_n(case, parts, request):
+    if parts == "a part per variable":
+        request.getfixturevalue("parts_per_variable")
     G = hessop.OPGOperator(case.model, case.loss_fn, (case.x, case.y), params=case.params, batch_size=16)
     J = dense_per_example_gradients(case)
     assert rel_err(G.to_dense(block_size=5), J.T @ J / case.num_data) < 1e-10
