@@ -93,14 +93,17 @@ def test_jacobian_vector_products_from_two_reverse_passes_when_forward_mode_fail
     ],
     ids=["hessian-reverse", "ggn"],
 )
-def test_to_dense_by_parts_through_the_fallbacks(rnn, make, reference, parts_per_variable):
+def test_to_dense_by_parts_through_the_fallbacks(rnn, make, reference, monkeypatch):
     # The restricted products of to_dense loop over their blocks, and the
     # GGN's Jacobian-vector products take two reverse passes in a part too.
+    # Variables of 6, 9, 3 (the RNN) and 9, 3 (the dense layer) entries: with
+    # parts from 9 entries on, one part each (a graph each to trace).
+    monkeypatch.setattr(_engine, "_MIN_PART_SIZE", 9)
     operator = make(rnn)
-    assert len(operator._dense_parts) == len(rnn.variables) == 5
+    assert operator._dense_parts == ((0, 18), (18, 30))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        dense = operator.to_dense(block_size=4)
+        dense = operator.to_dense(block_size=7)
     np.testing.assert_allclose(dense, reference(rnn), rtol=1e-10, atol=1e-12)
 
 
