@@ -531,7 +531,7 @@ class SymmetricDataPassOperator(DataPassOperator):
         block_size : int or None
             Columns per data pass; memory grows with it. None (default): the
             first columns are built with blocks of 16, 32, 64, ... up to 512
-            columns (three blocks each, two of them timed) and the rest with
+            columns (an untimed block and two timed ones each) and the rest with
             the width that cost least per column. The width stops growing
             once one is 10 % slower than the best, or (on Linux, on the CPU)
             once the next one's peak memory, scaled from the last one's,

@@ -39,7 +39,7 @@ def dense_from_operator(op: Any, *, max_params: int, block_size: int | None) -> 
     """Columns of ``op`` in blocks of unit vectors, guarded against P×P surprises.
 
     ``block_size=None`` builds the first columns with blocks of growing
-    width (``TRIAL_BLOCK_SIZES``, three blocks each, the last two timed) and
+    width (``TRIAL_BLOCK_SIZES``, each an untimed block and two timed ones) and
     the rest with the width that cost least per column; the growth stops
     where a width is slower than the best so far or the next one's memory
     would not fit (`_fill_timed_trials`). Every column is computed once
