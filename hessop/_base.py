@@ -391,13 +391,14 @@ class DataPassOperator(LinearOperator):
         """Whether a product's memory shows in this process's resident size (not on a GPU): for `to_dense`'s trials."""
         return not tf.config.list_logical_devices("GPU")
 
-    def _unit_block_rows(self, first: int, stop: int) -> np.ndarray:
-        """(A @ I[:, first:stop])ᵀ, shape (stop - first, m): columns of A for `to_dense`.
+    def _lower_block_rows(self, first: int, stop: int) -> np.ndarray:
+        """(A @ I[:, first:stop])ᵀ, shape (stop - first, m): columns of A, all rows, for `dense_from_operator`.
 
-        The unit vectors are made on the device (``tf.one_hot``) instead of
-        converted from numpy: the rows layout of a numpy (n, k) block is a
-        strided view, and converting it cost 3.2 ms of a 34 ms block product
-        (P = 4,810, k = 128; see benchmarks/RESULTS.md).
+        (Symmetric operators return only the rows of their lower block
+        triangle.) The unit vectors are made on the device (``tf.one_hot``)
+        instead of converted from numpy: the rows layout of a numpy (n, k)
+        block is a strided view, and converting it cost 3.2 ms of a 34 ms
+        block product (P = 4,810, k = 128; see benchmarks/RESULTS.md).
         """
         rows = tf.one_hot(tf.range(first, stop), self.shape[1], dtype=self._compute_dtype)
         return self._run_rows(self._apply, rows)

@@ -95,17 +95,13 @@ def _part_of(op: Any, column: int) -> tuple[int, int]:
 def lower_block_product(op: Any, start: int, stop: int) -> tuple[int, np.ndarray]:
     """``(r, op[r:, start:stop])`` where r is the first column of the `column_parts` range holding start..stop-1.
 
-    hessop's symmetric operators compute only those rows, with unit vectors
-    made on the device (``_lower_block_rows``), and its other data-pass
-    operators all rows (``_unit_block_rows``); any other LinearOperator gets
-    its unit vectors through ``matmat`` (r = 0).
+    hessop's data-pass operators make the unit vectors on the device
+    (``_lower_block_rows``), and its symmetric ones compute only those rows;
+    any other LinearOperator gets its unit vectors through ``matmat`` (r = 0).
     """
     lower_block_rows = getattr(op, "_lower_block_rows", None)
     if lower_block_rows is not None:
         return _part_of(op, start)[0], lower_block_rows(start, stop).T
-    unit_block_rows = getattr(op, "_unit_block_rows", None)
-    if unit_block_rows is not None:
-        return 0, unit_block_rows(start, stop).T
     _, unit = next(unit_blocks(op.shape[1], stop - start, op.dtype, start=start))
     return 0, op.matmat(unit)
 

@@ -34,6 +34,17 @@ def test_loss_jacobian_matches_autodiff(case):
     assert rel_err(J @ np.eye(J.shape[1]), dense_per_example_gradients(case)) < 1e-10
 
 
+def test_dense_columns_from_unit_rows_made_on_the_device(mlp):
+    # dense_from_operator asks hessop's operators for their columns as rows
+    # (_lower_block_rows: one part, all rows, for a non-symmetric operator).
+    from hessop._dense import dense_from_operator
+
+    J = loss_jacobian(mlp, batch_size=16)
+    assert not hasattr(J, "_dense_parts")
+    dense = dense_from_operator(J, max_params=10_000, block_size=5)
+    assert rel_err(dense, dense_per_example_gradients(mlp)) < 1e-10
+
+
 def test_output_jacobian_matches_autodiff(case):
     Jf = hessop.JacobianOperator(case.model, None, (case.x, None), params=case.params, target="outputs", batch_size=16)
     expected = dense_output_jacobian(case)
