@@ -330,7 +330,7 @@ class Engine:
                 # Traced with exactly (x, y, vector): a concrete function whose
                 # signature also holds an unfilled default (the methods'
                 # part=None) took 0.6 ms longer a call on a trivial graph and
-                # 2-3 ms longer on a 512-example HVP batch of 3.5 ms (TF 2.21).
+                # 2-4 ms longer on a 512-example HVP batch of 3-5 ms (TF 2.21).
                 def fn(x: Any, y: Any, vector: tf.Tensor) -> tf.Tensor:
                     return single(x, y, vector)
 

@@ -1,4 +1,4 @@
-"""The engine: its fallbacks, on a model where TensorFlow's fast paths fail (a Keras RNN layer), its variable parts, and the signatures it traces.
+"""The engine: fallbacks where TensorFlow's fast paths fail (a Keras RNN layer), variable parts, traced signatures.
 
 Forward-mode autodiff cannot pass the while loop of a Keras ``SimpleRNN``
 (its captured variables have no handle data), and pfor cannot vectorise the
