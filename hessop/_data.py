@@ -41,7 +41,8 @@ def _batch_size(x: Any, y: Any, where: str) -> int:
     if y is not None:
         sizes_y = [_leading_dim(leaf) for leaf in _leaves(y)]
         if any(s != size for s in sizes_y):
-            msg = f"{where}: x and y have different lengths: x has {size} examples, y has {sizes_y}."
+            y_examples = f"{sizes_y[0]}" if len(sizes_y) == 1 else f"{sizes_y} (one count per array)"
+            msg = f"{where}: x and y have different lengths: x has {size} examples, y has {y_examples}."
             raise ValueError(msg)
     return size
 

@@ -338,7 +338,7 @@ def test_wrong_vector_length_names_expected_shape(mlp):
 
 
 def test_mismatched_lengths_and_empty_data(mlp):
-    with pytest.raises(ValueError, match="different lengths"):
+    with pytest.raises(ValueError, match=f"different lengths: x has {mlp.num_data} examples, y has {mlp.num_data - 1}\\."):
         hessop.HessianOperator(mlp.model, mlp.loss_fn, (mlp.x, mlp.y[:-1]))
     with pytest.raises(ValueError, match="empty"):
         hessop.HessianOperator(mlp.model, mlp.loss_fn, (mlp.x[:0], mlp.y[:0]))
