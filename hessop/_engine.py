@@ -52,7 +52,7 @@ import numpy as np
 import tensorflow as tf
 
 from hessop._params import resolve_params
-from hessop._pfor import pfor_rules
+from hessop._pfor import pfor_rules, quiet_conversion_errors
 
 try:
     import keras
@@ -340,7 +340,7 @@ class Engine:
                     # This body runs only while tf.function traces it.
                     if name not in self._looped_blocks:
                         try:
-                            with pfor_rules():
+                            with pfor_rules(), quiet_conversion_errors():
                                 return tf.vectorized_map(lambda v: single(x, y, v), block)
                         except _TRACE_ERRORS as error:
                             reason = error

@@ -25,19 +25,24 @@ tracing a ``vectorized_map`` at that moment would get the same values through
 the other rule). It relies on pfor's private converter registry; if that
 changes shape, the context does nothing, and a rule that meets an input it
 does not understand hands the op to TensorFlow's rule.
+
+:func:`quiet_conversion_errors` mutes pfor's log of an op it cannot
+convert while the engine tries to vectorise a block; the engine then loops
+over the block and warns once.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import tensorflow as tf
 
-__all__ = ["pfor_rules"]
+__all__ = ["pfor_rules", "quiet_conversion_errors"]
 
 try:
     from tensorflow.python.ops.parallel_for import pfor as _pfor
@@ -180,3 +185,40 @@ def pfor_rules() -> Iterator[None]:
             _depth -= 1
             if _depth == 0:
                 _REGISTRY.update(_TF_RULES)
+
+
+class _DropConversionErrors(logging.Filter):
+    """Drops the ERROR records of pfor's ``_convert_helper`` (an op it could not convert), nothing else."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno >= logging.ERROR and record.module == "pfor" and record.funcName == "_convert_helper")
+
+
+@contextlib.contextmanager
+def quiet_conversion_errors() -> Iterator[None]:
+    """Within this block, TensorFlow's logger drops pfor's report of an op it cannot convert.
+
+    pfor logs every op it fails to vectorise at ERROR level (the op's
+    NodeDef, its inputs and the stack where it was created: 1,740 lines for
+    the first block of Hessian-vector products of a Keras LSTM with 51
+    parameters) and then raises. The engine
+    catches that error, loops over the block instead and says so in one
+    warning that names the error, so the log only buries that warning.
+    Other records, and pfor's records outside this block, pass.
+
+    Examples
+    --------
+    >>> import tensorflow as tf
+    >>> from hessop._pfor import quiet_conversion_errors
+    >>> with quiet_conversion_errors():
+    ...     rows = tf.vectorized_map(lambda v: 2 * v, tf.ones((4, 3)))
+    >>> rows.shape
+    TensorShape([4, 3])
+    """
+    logger = tf.get_logger()
+    drop = _DropConversionErrors()
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)

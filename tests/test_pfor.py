@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 
 import keras
@@ -11,7 +12,7 @@ import tensorflow as tf
 from tensorflow.python.ops.parallel_for import pfor as tf_pfor
 
 from hessop import HessianOperator, _pfor, per_example_gradients
-from hessop._pfor import pfor_rules
+from hessop._pfor import pfor_rules, quiet_conversion_errors
 from conftest import Case, dense_hessian, dense_per_example_gradients
 
 K = 3
@@ -213,3 +214,33 @@ def test_block_products_through_the_rules_match_a_dense_hessian(activation, hvp_
     H = HessianOperator(case.model, case.loss_fn, (case.x, case.y), batch_size=5, hvp_mode=hvp_mode)
     V = RNG.normal(size=(H.shape[0], 4))
     np.testing.assert_allclose(H.matmat(V), dense_hessian(case) @ V, rtol=1e-10, atol=1e-12)
+
+
+def test_quiet_conversion_errors_drops_only_pfor_conversion_errors():
+    # Records as pfor's _convert_helper and another TF module make them.
+    pfor_path = tf_pfor.__file__
+
+    def record(path: str, function: str, level: int) -> logging.LogRecord:
+        return logging.LogRecord("tensorflow", level, path, 1, "message", None, None, func=function)
+
+    passed: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = passed.append
+    logger = tf.get_logger()
+    filters = list(logger.filters)
+    conversion_error = record(pfor_path, "_convert_helper", logging.ERROR)
+    others = [
+        record(pfor_path, "_convert_helper", logging.WARNING),
+        record(pfor_path, "_fallback_converter", logging.ERROR),
+        record(tf.__file__, "_convert_helper", logging.ERROR),
+    ]
+    logger.addHandler(handler)
+    try:
+        with quiet_conversion_errors():
+            for each in [conversion_error, *others]:
+                logger.handle(each)
+        logger.handle(conversion_error)
+    finally:
+        logger.removeHandler(handler)
+    assert passed == [*others, conversion_error]
+    assert logger.filters == filters
