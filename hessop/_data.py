@@ -33,6 +33,8 @@ def _batch_size(x: Any, y: Any, where: str) -> int:
         raise ValueError(msg)
     if any(s is None for s in sizes_x):
         msg = f"{where}: every input array needs a leading example dimension; got a scalar in x."
+        if isinstance(x, (list, tuple)):
+            msg += f" (A {type(x).__name__} for x holds one array per model input; for one input pass np.asarray(x).)"
         raise ValueError(msg)
     if len(set(sizes_x)) > 1:
         msg = f"{where}: the arrays in x have different numbers of examples: {sizes_x}."
@@ -40,6 +42,9 @@ def _batch_size(x: Any, y: Any, where: str) -> int:
     size = sizes_x[0]
     if y is not None:
         sizes_y = [_leading_dim(leaf) for leaf in _leaves(y)]
+        if any(s is None for s in sizes_y):
+            msg = f"{where}: every target array needs a leading example dimension; got a scalar in y."
+            raise ValueError(msg)
         if any(s != size for s in sizes_y):
             y_examples = f"{sizes_y[0]}" if len(sizes_y) == 1 else f"{sizes_y} (one count per array)"
             msg = f"{where}: x and y have different lengths: x has {size} examples, y has {y_examples}."
@@ -84,6 +89,7 @@ class Batches:
             if batch_size is not None:
                 msg = "batch_size: a tf.data.Dataset is already batched; batch it with Dataset.batch instead."
                 raise ValueError(msg)
+            _check_dataset(data)
             self._source = data
             self._count()
         elif isinstance(data, Iterable) and not isinstance(data, (str, bytes, Mapping, np.ndarray)):
@@ -161,6 +167,22 @@ class Batches:
                 checksum += float(values @ np.cos(np.arange(values.size) + k))
             prints.append((_leading_dim(leaves[0]) or 0, checksum))
         return prints
+
+
+def _check_dataset(dataset: tf.data.Dataset) -> None:
+    """A finite Dataset of batches: every product reads it to the end."""
+    if dataset.cardinality() == tf.data.INFINITE_CARDINALITY:
+        msg = (
+            "data: the tf.data.Dataset is infinite (Dataset.repeat() without a count?), but every "
+            "product is one full pass over the data; pass the finite dataset."
+        )
+        raise ValueError(msg)
+    if any(spec.shape.rank == 0 for spec in _leaves(dataset.element_spec) if hasattr(spec, "shape")):
+        msg = (
+            "data: the tf.data.Dataset yields single examples (a scalar in its element_spec "
+            f"{dataset.element_spec}); batch it: dataset.batch(batch_size)."
+        )
+        raise ValueError(msg)
 
 
 def _as_array(value: Any) -> Any:

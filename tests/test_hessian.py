@@ -397,6 +397,21 @@ def test_shuffled_dataset_is_detected(mlp):
     assert H.num_data == 64
 
 
+def test_infinite_unbatched_and_scalar_data_are_refused(mlp):
+    examples = tf.data.Dataset.from_tensor_slices((mlp.x, mlp.y))
+    # repeat() would make every product a pass that never ends.
+    with pytest.raises(ValueError, match=r"infinite \(Dataset.repeat\(\) without a count\?\)"):
+        hessop.HessianOperator(mlp.model, mlp.loss_fn, examples.batch(16).repeat())
+    assert hessop.HessianOperator(mlp.model, mlp.loss_fn, examples.batch(16).repeat(2)).num_data == 2 * mlp.num_data
+    with pytest.raises(ValueError, match=r"yields single examples .*dataset.batch\(batch_size\)"):
+        hessop.HessianOperator(mlp.model, mlp.loss_fn, examples)
+    with pytest.raises(ValueError, match=r"data \(batch 0\): .*got a scalar in y\."):
+        hessop.HessianOperator(mlp.model, mlp.loss_fn, [(mlp.x[:1], mlp.y[0])])
+    # A list for x is one array per model input: nested Python lists are scalars there.
+    with pytest.raises(ValueError, match=r"scalar in x\. \(A list for x holds one array per model input"):
+        hessop.HessianOperator(mlp.model, mlp.loss_fn, (mlp.x.tolist(), mlp.y))
+
+
 def test_generator_and_wrong_types_are_refused(mlp):
     with pytest.raises(TypeError, match="one-shot"):
         hessop.HessianOperator(mlp.model, mlp.loss_fn, ((mlp.x, mlp.y) for _ in range(2)))
