@@ -463,7 +463,14 @@ def predictive_variance(
     from hessop.jacobian import JacobianOperator
 
     batch_size = check_positive_int(batch_size, "batch_size")
-    num_examples = int(np.shape(tf.nest.flatten(x)[0])[0])
+    if isinstance(x, LinearOperator):
+        msg = "x: expected input arrays, got a LinearOperator; the order is predictive_variance(model, x, cov)."
+        raise TypeError(msg)
+    leaves = tf.nest.flatten(x)
+    if not leaves or np.ndim(leaves[0]) == 0:
+        msg = f"x: expected input arrays with a leading example dimension, got {type(x).__name__}."
+        raise ValueError(msg)
+    num_examples = int(np.shape(leaves[0])[0])
     if num_examples == 0:
         msg = "x: empty input (0 examples)."
         raise ValueError(msg)

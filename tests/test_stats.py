@@ -185,6 +185,10 @@ def test_predictive_variance_is_delta_method(fitted):
     expected = np.einsum("ij,jk,ik->i", new, closed_forms(design, y, beta, family)[0], new)
     assert variance.shape == (7, 1, 1)
     assert rel_err(variance[:, 0, 0], expected) < 1e-8
+    with pytest.raises(TypeError, match=r"x: expected input arrays, got a LinearOperator; the order is"):
+        hessop.predictive_variance(lambda x: tf.linalg.matvec(x, variable)[:, None], cov, new, params=[variable])
+    with pytest.raises(ValueError, match="x: expected input arrays with a leading example dimension, got float"):
+        hessop.predictive_variance(lambda x: tf.linalg.matvec(x, variable)[:, None], 1.0, cov, params=[variable])
 
 
 def test_influence_matches_leave_one_out():
