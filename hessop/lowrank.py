@@ -314,14 +314,20 @@ class FullRankOperator(_SpectralOperator):
 _KINDS = {"low_rank": LowRankOperator, "full_rank": FullRankOperator}
 
 
+_ZIP_MAGIC = b"PK\x03\x04"  # the first bytes of a non-empty zip archive (what np.savez writes)
+_NPY_MAGIC = b"\x93NUMPY"
+
+
 def load(path: str | os.PathLike, *, engine: str = "numba") -> LowRankOperator | FullRankOperator:
     """Read an operator written by ``save``; ``allow_pickle=False``.
 
     Raises
     ------
     ValueError
-        If the file is not a saved hessop operator (missing or foreign entries,
-        unknown version, inconsistent shapes).
+        If the file is not a saved hessop operator (not an .npz archive,
+        missing or foreign entries, unknown version, inconsistent shapes).
+    OSError
+        If the file cannot be opened (e.g. ``FileNotFoundError``).
 
     Examples
     --------
@@ -333,14 +339,20 @@ def load(path: str | os.PathLike, *, engine: str = "numba") -> LowRankOperator |
     ('FullRankOperator', 0.5, True)
     """
     where = f"{os.fspath(path)!r} is not a saved hessop operator"
+    # A missing or unreadable file raises as open() does. Anything but a zip
+    # archive is refused before numpy reads it: for other bytes np.load's
+    # error suggests allow_pickle=True, which is not advice to pass on.
+    with open(path, "rb") as file:
+        magic = file.read(len(_NPY_MAGIC))
+    if not magic.startswith(_ZIP_MAGIC):
+        got = "a single .npy array" if magic == _NPY_MAGIC else "a file that is not a zip archive"
+        msg = f"{where}: expected an .npz archive, got {got}."
+        raise ValueError(msg)
     try:
         archive = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
         msg = f"{where}: {err}"
         raise ValueError(msg) from None
-    if not isinstance(archive, np.lib.npyio.NpzFile):  # a bare .npy array
-        msg = f"{where}: expected an .npz archive, got a single array."
-        raise ValueError(msg)
     try:
         with archive:
             entries = {name: archive[name] for name in archive.files}

@@ -187,12 +187,20 @@ def test_load_rejects_foreign_and_corrupted_files(tmp_path):
             hessop.load(broken)
     bare = tmp_path / "bare.npy"
     np.save(bare, np.ones(3))
-    with pytest.raises(ValueError, match="single array"):
+    with pytest.raises(ValueError, match=r"got a single \.npy array"):
         hessop.load(bare)
     text = tmp_path / "text.npz"
     text.write_text("not an archive")
-    with pytest.raises(ValueError, match="not a saved hessop operator"):
+    # numpy's own error for these bytes suggests allow_pickle=True.
+    with pytest.raises(ValueError, match="not a saved hessop operator: expected an .npz archive, got a file that is not a zip") as caught:
         hessop.load(text)
+    assert "pickle" not in str(caught.value)
+    empty = tmp_path / "empty.npz"
+    empty.write_bytes(b"")
+    with pytest.raises(ValueError, match="not a zip archive"):
+        hessop.load(empty)
+    with pytest.raises(FileNotFoundError):
+        hessop.load(tmp_path / "missing.npz")
     pickled = tmp_path / "pickled.npz"
     np.savez(pickled, **{**entries, "Q": np.array([object()], dtype=object)})
     with pytest.raises(ValueError, match="not a saved hessop operator"):
