@@ -647,14 +647,17 @@ class Engine:
             predictions, jv = self._linearize(lambda: self._call_model(x), v, part)
         # Hessian of the summed loss w.r.t. the outputs, times J v. Losses are
         # separable over examples, so this is the per-example Hessian blocks at once.
-        fixed = tf.stop_gradient(predictions)
+        # Outputs may be a structure (a dict or list of heads): the loss's
+        # Hessian then couples the heads, as for one concatenated output.
+        fixed = tf.nest.map_structure(tf.stop_gradient, predictions)
         with tf.GradientTape() as outer:
             outer.watch(fixed)
             with tf.GradientTape() as inner:
                 inner.watch(fixed)
                 loss = tf.reduce_sum(self._per_example_loss(x, y, fixed))
             grad_f = inner.gradient(loss, fixed, unconnected_gradients=_ZERO)
-            dot = tf.reduce_sum(grad_f * tf.stop_gradient(jv))
-        hjv = outer.gradient(dot, fixed, unconnected_gradients=_ZERO)
+            pairs = zip(tf.nest.flatten(grad_f), tf.nest.flatten(jv))
+            dot = tf.add_n([tf.reduce_sum(g * tf.stop_gradient(t)) for g, t in pairs])
+        hjv = tf.nest.map_structure(tf.stop_gradient, outer.gradient(dot, fixed, unconnected_gradients=_ZERO))
         rows = self.part_variables(part)[1]
-        return self.concat(self._gradient_parts(tape, predictions, tf.stop_gradient(hjv), rows))
+        return self.concat(self._gradient_parts(tape, predictions, hjv, rows))

@@ -29,6 +29,9 @@ class GGNOperator(SymmetricDataPassOperator):
     model, loss_fn, data, params, batch_size, reduction, dtype, progress, check_deterministic, strategy, jit_compile
         As for `HessianOperator`. The loss must be a function of the model
         outputs (``loss_fn(y_true, model(x))``); per-example or batch-mean.
+        The outputs may be a structure (a dict or list of heads, one loss
+        over all of them): f is then all heads together, and the loss's
+        Hessian couples them as it would one concatenated output.
 
     Examples
     --------

@@ -53,3 +53,37 @@ def test_mlp_ggn_differs_from_hessian_and_is_psd(mlp):
     assert difference > 0.05  # the dropped curvature term (seed 004) is not small here
     assert np.linalg.eigvalsh(hessian).min() < -1e-3  # the Hessian is indefinite ...
     assert np.linalg.eigvalsh(dense).min() > -1e-12  # ... the GGN is PSD
+
+
+def test_ggn_of_a_model_with_two_heads_equals_that_of_their_concatenation():
+    # A dict of outputs (classification logits and a regression value) and a
+    # loss over both: the GGN is that of the same layers with one
+    # concatenated output, whose dense reference needs no structure.
+    import keras
+    import tensorflow as tf
+    from conftest import F64, Case
+
+    keras.utils.set_random_seed(3)
+    rng = np.random.default_rng(3)
+    inputs = keras.Input((3,), dtype=F64)
+    hidden = keras.layers.Dense(4, activation="tanh", dtype=F64)(inputs)
+    logits = keras.layers.Dense(2, dtype=F64)(hidden)
+    value = keras.layers.Dense(1, dtype=F64)(hidden)
+    heads = keras.Model(inputs, {"logits": logits, "value": value})
+    joined = keras.Model(inputs, keras.layers.Concatenate(dtype=F64)([logits, value]))
+    cross_entropy = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None, dtype=F64)
+
+    def heads_loss(y, out):
+        return cross_entropy(y["label"], out["logits"]) + tf.reduce_sum((out["value"] - y["target"]) ** 2, axis=-1)
+
+    def joined_loss(y, out):
+        return cross_entropy(y[:, 0], out[:, :2]) + (out[:, 2] - y[:, 1]) ** 2
+
+    x = rng.normal(size=(10, 3))
+    label, target = rng.integers(0, 2, size=10), rng.normal(size=10)
+    params = heads.trainable_variables
+    reference = dense_ggn(Case("joined", joined, joined_loss, x, np.column_stack([label, target]), params=params))
+    G = hessop.GGNOperator(heads, heads_loss, (x, {"label": label, "target": target[:, None]}), params=params, batch_size=4)
+    vector = rng.normal(size=G.shape[0])
+    assert rel_err(G @ vector, reference @ vector) < 1e-10
+    assert rel_err(G.to_dense(), reference) < 1e-10
