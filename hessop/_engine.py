@@ -112,6 +112,20 @@ def _warn_while_tracing(message: str) -> None:
     warnings.warn(message, stacklevel=1)
 
 
+def _traced_error(error_type: type[Exception], message: str) -> Exception:
+    """An error in the model or loss found while tracing, for the caller as it is.
+
+    tf.function's autograph rewrites an error raised in traced code into
+    "in user code:", the stack of converted frames, then the message; its
+    ``ag_pass_through`` marker lets the error through unchanged, so the
+    message that names the argument comes first. (Without the marker, as in
+    another TF version, the message is still there, at the end.)
+    """
+    error = error_type(message)
+    error.ag_pass_through = True  # type: ignore[attr-defined]
+    return error
+
+
 def _warn_loss_dtype(loss_dtype: tf.DType, param_dtype: tf.DType) -> None:
     _warn_while_tracing(
         f"loss_fn returned {loss_dtype.name} while the parameters are {param_dtype.name}; "
@@ -477,7 +491,7 @@ class Engine:
         out = self._call_model(x)
         if not isinstance(out, (tf.Tensor, tf.Variable)) and len(tf.nest.flatten(out)) != 1:
             msg = f"model: expected a single output tensor, got {type(out).__name__} with {len(tf.nest.flatten(out))} tensors."
-            raise TypeError(msg)
+            raise _traced_error(TypeError, msg)
         out = tf.convert_to_tensor(tf.nest.flatten(out)[0])
         return tf.reshape(out, (_batch_size_of(x), -1))
 
@@ -493,13 +507,13 @@ class Engine:
         """
         if self.loss_fn is None:
             msg = "loss_fn: this operation needs a loss function, got None."
-            raise ValueError(msg)
+            raise _traced_error(ValueError, msg)
         if predictions is None:
             predictions = self._call_model(x)
         loss = tf.convert_to_tensor(self.loss_fn(y, predictions))
         if not loss.dtype.is_floating:
             msg = f"loss_fn: expected a floating-point loss, got dtype {loss.dtype.name}."
-            raise TypeError(msg)
+            raise _traced_error(TypeError, msg)
         if loss.dtype != self.dtype and not self._warned_dtype:
             self._warned_dtype = True
             _warn_loss_dtype(loss.dtype, self.dtype)
@@ -511,7 +525,7 @@ class Engine:
                     "loss_fn: per-example gradients need per-example losses (shape [B]), but "
                     "the loss is a scalar batch mean; for Keras losses pass reduction=None."
                 )
-                raise ValueError(msg)
+                raise _traced_error(ValueError, msg)
             return tf.fill([batch], tf.cast(loss, self.dtype))
         if rank == 2 and loss.shape[1] == 1:
             loss = loss[:, 0]
@@ -521,11 +535,11 @@ class Engine:
                 f"batch mean; got shape {loss.shape}. Use reduction=None or reduce over "
                 "non-batch axes inside loss_fn."
             )
-            raise ValueError(msg)
+            raise _traced_error(ValueError, msg)
         static_b = tf.get_static_value(batch)
         if loss.shape[0] is not None and static_b is not None and int(loss.shape[0]) != int(static_b):
             msg = f"loss_fn: returned {loss.shape[0]} per-example losses for a batch of {static_b}."
-            raise ValueError(msg)
+            raise _traced_error(ValueError, msg)
         return tf.cast(loss, self.dtype)
 
     def _loss_sum(self, x: Any, y: Any) -> tf.Tensor:
@@ -594,7 +608,7 @@ class Engine:
                 "hvp_mode='forward': forward-mode autodiff is unavailable for this model "
                 f"({self._forward_mode_reason}); use hvp_mode='reverse' or 'auto'."
             )
-            raise ValueError(msg) from error
+            raise _traced_error(ValueError, msg) from error
         return self.concat(acc.jvp(grads, unconnected_gradients=_ZERO))
 
     def _hvp_reverse(self, x: Any, y: Any, v: tf.Tensor, part: tuple[int, int] | None = None) -> tf.Tensor:

@@ -80,7 +80,7 @@ def test_hessian_auto_keeps_reverse_when_forward_mode_fails(rnn, monkeypatch):
 
 def test_hessian_forward_names_the_mode_when_forward_mode_fails(rnn):
     H = HessianOperator(rnn.model, rnn.loss_fn, (rnn.x, rnn.y), batch_size=5, hvp_mode="forward")
-    with pytest.raises(ValueError, match=r"hvp_mode='forward'.*use hvp_mode='reverse'"):
+    with pytest.raises(ValueError, match=r"^hvp_mode='forward'.*use hvp_mode='reverse'"):
         H.matvec(np.ones(H.shape[0]))
 
 

@@ -350,8 +350,11 @@ def test_loss_that_is_not_per_example_or_scalar(mlp):
     def bad_loss(y_true, y_pred):
         return y_pred  # shape [B, 3]
 
-    with pytest.raises(ValueError, match=r"per-example losses of shape \[B\]"):
+    # Raised while tracing, the message comes first (not after autograph's "in user code:" stack).
+    with pytest.raises(ValueError, match=r"^loss_fn: expected per-example losses of shape \[B\]"):
         hessop.HessianOperator(mlp.model, bad_loss, (mlp.x, mlp.y))
+    with pytest.raises(TypeError, match=r"^loss_fn: expected a floating-point loss, got dtype int32\.$"):
+        hessop.HessianOperator(mlp.model, lambda y, f: tf.ones(tf.shape(f)[:1], tf.int32), (mlp.x, mlp.y))
 
 
 def test_model_without_trainable_variables():

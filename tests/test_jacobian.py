@@ -94,8 +94,12 @@ def test_bad_target_and_scalar_loss(mlp):
     with pytest.raises(ValueError, match="target"):
         hessop.JacobianOperator(mlp.model, mlp.loss_fn, (mlp.x, mlp.y), target="logits")
     mean_loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True, dtype="float64")
-    with pytest.raises(ValueError, match="per-example"):
+    with pytest.raises(ValueError, match="^loss_fn: per-example gradients need per-example losses"):
         hessop.JacobianOperator(mlp.model, mean_loss, (mlp.x, mlp.y))
+    inputs = keras.Input((mlp.x.shape[1],), dtype="float64")
+    heads = keras.Model(inputs, {"a": keras.layers.Dense(2, dtype="float64")(inputs), "b": inputs[:, :1]})
+    with pytest.raises(TypeError, match=r"^model: expected a single output tensor, got dict with 2 tensors\.$"):
+        hessop.JacobianOperator(heads, None, (mlp.x, None), target="outputs")
     J = loss_jacobian(mlp)
     with pytest.raises(ValueError, match=r"x: expected shape \(64,\)"):
         J.rmatvec(np.ones(3))
