@@ -201,10 +201,10 @@ def quiet_conversion_errors() -> Iterator[None]:
     pfor logs every op it fails to vectorise at ERROR level (the op's
     NodeDef, its inputs and the stack where it was created: 1,740 lines for
     the first block of Hessian-vector products of a Keras LSTM with 51
-    parameters) and then raises. The engine
-    catches that error, loops over the block instead and says so in one
-    warning that names the error, so the log only buries that warning.
-    Other records, and pfor's records outside this block, pass.
+    parameters) and then raises. The engine catches that error, loops over
+    the block instead and says so in one warning that names the error, so
+    the log would only bury that warning. Other records, and pfor's records
+    outside this block, pass.
 
     Examples
     --------
