@@ -59,7 +59,7 @@ try:
 except ImportError:  # pragma: no cover
     keras = None
 
-__all__ = ["Engine", "HVP_MODES"]
+__all__ = ["Engine", "HVP_MODES", "output_matrix"]
 
 HVP_MODES = ("auto", "forward", "reverse")
 _ZERO = tf.UnconnectedGradients.ZERO
@@ -110,6 +110,17 @@ def _unknown_axes(value: Any, axes: Sequence[int]) -> tf.TensorSpec | None:
 def _warn_while_tracing(message: str) -> None:
     """A UserWarning from traced code, attributed to this line (the traced caller's frames are autograph's)."""
     warnings.warn(message, stacklevel=1)
+
+
+def output_matrix(outputs: Any, batch_size: Any) -> tf.Tensor:
+    """Model outputs as a (B, C) matrix: row n holds example n's outputs.
+
+    Each output tensor's trailing axes are flattened; several outputs (a dict
+    or list of heads) sit side by side in ``tf.nest.flatten`` order, a dict's
+    by sorted key.
+    """
+    leaves = [tf.convert_to_tensor(leaf) for leaf in tf.nest.flatten(outputs)]
+    return tf.concat([tf.reshape(leaf, (batch_size, -1)) for leaf in leaves], axis=1)
 
 
 def _traced_error(error_type: type[Exception], message: str) -> Exception:
@@ -487,13 +498,12 @@ class Engine:
 
     # -- model and loss (traced) ---------------------------------------------------
     def _outputs(self, x: Any) -> tf.Tensor:
-        """Model outputs as a (B, C) tensor (trailing axes flattened, example-major)."""
+        """Model outputs as a (B, C) tensor (`output_matrix`)."""
         out = self._call_model(x)
-        if not isinstance(out, (tf.Tensor, tf.Variable)) and len(tf.nest.flatten(out)) != 1:
-            msg = f"model: expected a single output tensor, got {type(out).__name__} with {len(tf.nest.flatten(out))} tensors."
+        if not tf.nest.flatten(out):
+            msg = f"model: expected output tensors, got {type(out).__name__} with none."
             raise _traced_error(TypeError, msg)
-        out = tf.convert_to_tensor(tf.nest.flatten(out)[0])
-        return tf.reshape(out, (_batch_size_of(x), -1))
+        return output_matrix(out, _batch_size_of(x))
 
     def _flat_outputs(self, x: Any) -> tf.Tensor:
         return tf.reshape(self._outputs(x), [-1])

@@ -21,6 +21,8 @@ class JacobianOperator(DataPassOperator):
     :math:`J^\top J / N` is the outer product of gradients G.
     ``target="outputs"``: the Jacobian of the flattened model outputs, rows
     ordered example-major (example n's C outputs are rows nC … nC + C − 1).
+    A model with several outputs (a dict or list of heads) has them side by
+    side in ``tf.nest.flatten`` order (a dict's by sorted key).
 
     Products are matrix-free: `matvec` is a Jacobian-vector product (forward
     mode) per batch, `rmatvec` a vector-Jacobian product (reverse mode); a block

@@ -446,8 +446,9 @@ def predictive_variance(
     Returns
     -------
     numpy.ndarray, shape (N, C, C)
-        Output covariance per example (C outputs per example); its diagonal
-        gives the variances.
+        Output covariance per example (C outputs per example; several
+        heads side by side, as for ``JacobianOperator(target="outputs")``);
+        its diagonal gives the variances.
 
     Examples
     --------

@@ -89,6 +89,28 @@ def test_predictive_matches_closed_form():
     assert rel_err(f_cov[:, 0, 0], np.einsum("ij,jk,ik->i", new, cov, new)) < 1e-10
 
 
+def test_predictive_of_two_heads_puts_them_side_by_side():
+    # Heads a = xᵀw and b = 2xᵀw, the likelihood on a only: the posterior is
+    # that of the one-head model, and each example's output covariance is
+    # s·[[1, 2], [2, 4]] with s = xᵀΣx (heads in sorted-key order).
+    x, y = regression()
+    mean, cov, _ = exact_posterior(x, y)
+    model, nll, w = gaussian_model(mean)
+
+    def heads(x):
+        f = model(x)[:, None]
+        return {"b": 2 * f, "a": f}
+
+    la = hessop.Laplace(heads, lambda y, out: nll(y, out["a"][:, 0]), (x, y), params=[w], prior_precision=PRIOR)
+    assert rel_err(la.posterior_covariance.to_dense(), cov) < 1e-10
+    new = np.random.default_rng(4).normal(size=(5, 3))
+    f_mean, f_cov = la.predictive(new, batch_size=2)
+    assert f_mean.shape == (5, 2) and f_cov.shape == (5, 2, 2)
+    assert rel_err(f_mean, np.column_stack([new @ mean, 2 * new @ mean])) < 1e-12
+    s = np.einsum("ij,jk,ik->i", new, cov, new)
+    assert rel_err(f_cov, s[:, None, None] * np.array([[1.0, 2.0], [2.0, 4.0]])) < 1e-10
+
+
 def test_optimize_prior_precision_maximises_the_evidence():
     x, y = regression()
     mean, _, _ = exact_posterior(x, y)
