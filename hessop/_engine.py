@@ -59,7 +59,7 @@ try:
 except ImportError:  # pragma: no cover
     keras = None
 
-__all__ = ["Engine", "HVP_MODES", "output_matrix"]
+__all__ = ["Engine", "HVP_MODES", "model_caller", "output_matrix"]
 
 HVP_MODES = ("auto", "forward", "reverse")
 _ZERO = tf.UnconnectedGradients.ZERO
@@ -214,7 +214,8 @@ class _TracedOnce:
         return True
 
 
-def _model_caller(model: Any) -> Callable[[Any], Any]:
+def model_caller(model: Any) -> Callable[[Any], Any]:
+    """``x -> predictions``: Keras layers in inference mode, any other callable as it is."""
     if keras is not None and isinstance(model, keras.layers.Layer):
         # Inference mode: dropout off, batch-norm uses its moving statistics.
         return lambda x: model(x, training=False)
@@ -292,7 +293,7 @@ class Engine:
         _refuse_mixed_precision(model)
         self.model = model
         self.loss_fn = loss_fn
-        self._call_model = _model_caller(model)
+        self._call_model = model_caller(model)
         self.variables = resolve_params(model, params)
         self.shapes = [tuple(int(d) for d in v.shape) for v in self.variables]
         self.sizes = [int(np.prod(s, dtype=np.int64)) for s in self.shapes]

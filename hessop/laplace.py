@@ -169,11 +169,12 @@ class Laplace:
         r"""Linearised predictive: mean :math:`f(x)` (N, C) and covariance :math:`J_f \Lambda^{-1} J_f^\top` (N, C, C)."""
         import tensorflow as tf
 
-        from hessop._engine import output_matrix
+        from hessop._engine import model_caller, output_matrix
         from hessop.stats import predictive_variance
 
         cov = predictive_variance(self.model, x, self.posterior_covariance, params=self.params, batch_size=batch_size)
-        call = (lambda a: self.model(a, training=False)) if hasattr(self.model, "trainable_variables") else self.model
+        # The engine's call, as for the covariance: training=False only for Keras layers.
+        call = model_caller(self.model)
         chunks = [tf.nest.map_structure(lambda a: np.asarray(a)[s : s + batch_size], x) for s in range(0, cov.shape[0], batch_size)]
         outputs = [output_matrix(call(chunk), len(tf.nest.flatten(chunk)[0])).numpy() for chunk in chunks]
         return np.concatenate(outputs, axis=0), cov

@@ -111,6 +111,28 @@ def test_predictive_of_two_heads_puts_them_side_by_side():
     assert rel_err(f_cov, s[:, None, None] * np.array([[1.0, 2.0], [2.0, 4.0]])) < 1e-10
 
 
+def test_predictive_of_a_tf_module_model():
+    # A tf.Module has trainable_variables but its __call__ takes no
+    # training argument: the mean calls it as the products do.
+    x, y = regression()
+    mean, cov, _ = exact_posterior(x, y)
+    _, nll, _ = gaussian_model(mean)
+
+    class Linear(tf.Module):
+        def __init__(self) -> None:
+            self.w = tf.Variable(mean, dtype=tf.float64)
+
+        def __call__(self, x):
+            return tf.linalg.matvec(x, self.w)
+
+    model = Linear()
+    la = hessop.Laplace(model, nll, (x, y), params=[model.w], prior_precision=PRIOR)
+    new = np.random.default_rng(5).normal(size=(4, 3))
+    f_mean, f_cov = la.predictive(new)
+    assert rel_err(f_mean[:, 0], new @ mean) < 1e-12
+    assert rel_err(f_cov[:, 0, 0], np.einsum("ij,jk,ik->i", new, cov, new)) < 1e-10
+
+
 def test_optimize_prior_precision_maximises_the_evidence():
     x, y = regression()
     mean, _, _ = exact_posterior(x, y)
