@@ -10,6 +10,9 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+import contextlib  # noqa: E402
+import logging  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from typing import Any, Callable  # noqa: E402
 
@@ -66,6 +69,20 @@ class Case:
 
     def mean_loss(self) -> tf.Tensor:
         return tf.reduce_mean(self.per_example_loss())
+
+
+@contextlib.contextmanager
+def tensorflow_log() -> Iterator[list[logging.LogRecord]]:
+    """The records TensorFlow's logger passes on (after its filters) within this block."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = tf.get_logger()
+    logger.addHandler(handler)
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)
 
 
 def flat(tensors: list) -> tf.Tensor:

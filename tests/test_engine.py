@@ -14,9 +14,8 @@ import warnings
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
-from conftest import Case, dense_ggn, dense_hessian, dense_output_jacobian, dense_per_example_gradients
+from conftest import Case, dense_ggn, dense_hessian, dense_output_jacobian, dense_per_example_gradients, tensorflow_log
 from hessop import GGNOperator, HessianOperator, JacobianOperator, OPGOperator, _engine
 
 RNG = np.random.default_rng(7)
@@ -35,15 +34,6 @@ def rnn() -> Case:
     return Case("rnn", model, loss, rng.normal(size=(12, 4, 2)), rng.integers(0, 3, size=12))
 
 
-class _Records(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__()
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-
 def check(operator, dense: np.ndarray, *, looped: bool = True) -> None:
     """Matvec and a block of 3 against ``dense``; whether the block warned that it loops.
 
@@ -53,16 +43,11 @@ def check(operator, dense: np.ndarray, *, looped: bool = True) -> None:
     vector = RNG.normal(size=dense.shape[1])
     block = RNG.normal(size=(dense.shape[1], 3))
     np.testing.assert_allclose(operator.matvec(vector), dense @ vector, rtol=1e-10, atol=1e-12)
-    logged = _Records()
-    tf.get_logger().addHandler(logged)
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            np.testing.assert_allclose(operator.matmat(block), dense @ block, rtol=1e-10, atol=1e-12)
-    finally:
-        tf.get_logger().removeHandler(logged)
+    with tensorflow_log() as logged, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        np.testing.assert_allclose(operator.matmat(block), dense @ block, rtol=1e-10, atol=1e-12)
     assert any(NOT_VECTORISED in str(w.message) for w in caught) == looped
-    assert [record.getMessage()[:80] for record in logged.records if record.levelno >= logging.ERROR] == []
+    assert [record.getMessage()[:80] for record in logged if record.levelno >= logging.ERROR] == []
 
 
 def test_hessian_reverse_loops_over_a_block_that_pfor_cannot_vectorise(rnn):

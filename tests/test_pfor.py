@@ -13,7 +13,7 @@ from tensorflow.python.ops.parallel_for import pfor as tf_pfor
 
 from hessop import HessianOperator, _pfor, per_example_gradients
 from hessop._pfor import pfor_rules, quiet_conversion_errors
-from conftest import Case, dense_hessian, dense_per_example_gradients
+from conftest import Case, dense_hessian, dense_per_example_gradients, tensorflow_log
 
 K = 3
 RNG = np.random.default_rng(0)
@@ -223,9 +223,6 @@ def test_quiet_conversion_errors_drops_only_pfor_conversion_errors():
     def record(path: str, function: str, level: int) -> logging.LogRecord:
         return logging.LogRecord("tensorflow", level, path, 1, "message", None, None, func=function)
 
-    passed: list[logging.LogRecord] = []
-    handler = logging.Handler()
-    handler.emit = passed.append
     logger = tf.get_logger()
     filters = list(logger.filters)
     conversion_error = record(pfor_path, "_convert_helper", logging.ERROR)
@@ -234,13 +231,10 @@ def test_quiet_conversion_errors_drops_only_pfor_conversion_errors():
         record(pfor_path, "_fallback_converter", logging.ERROR),
         record(tf.__file__, "_convert_helper", logging.ERROR),
     ]
-    logger.addHandler(handler)
-    try:
+    with tensorflow_log() as passed:
         with quiet_conversion_errors():
             for each in [conversion_error, *others]:
                 logger.handle(each)
         logger.handle(conversion_error)
-    finally:
-        logger.removeHandler(handler)
     assert passed == [*others, conversion_error]
     assert logger.filters == filters
