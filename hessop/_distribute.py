@@ -14,6 +14,8 @@ from typing import Any
 
 import tensorflow as tf
 
+from hessop._engine import compiled
+
 __all__ = ["Replicas", "resolve_strategy"]
 
 
@@ -39,7 +41,7 @@ class Replicas:
     def __init__(self, strategy: tf.distribute.Strategy) -> None:
         self.strategy = strategy
         self.count = int(strategy.num_replicas_in_sync)
-        self._guarded: dict[tuple[int, int | None], Callable[..., tf.Tensor]] = {}
+        self._guarded: dict[tuple[Callable[..., tf.Tensor], int | None], Callable[..., tf.Tensor]] = {}
 
     def _guard(self, fn: Callable[..., tf.Tensor], output_size: int | None) -> Callable[..., tf.Tensor]:
         """``fn`` on a shard, or zeros when the shard is empty.
@@ -49,7 +51,7 @@ class Replicas:
         result has the shape of ``rows`` with its last axis set to
         ``output_size`` (None: same as ``rows``; 0: empty, for stacked outputs).
         """
-        key = (id(fn), output_size)
+        key = (fn, output_size)
         if key not in self._guarded:
 
             def guarded(x: Any, y: Any, rows: tf.Tensor) -> tf.Tensor:
@@ -60,7 +62,7 @@ class Replicas:
                     shape = tf.concat([tf.shape(rows)[:-1], [output_size]], axis=0)
                 return tf.cond(size > 0, lambda: fn(x, y, rows), lambda: tf.zeros(shape, rows.dtype))
 
-            self._guarded[key] = tf.function(guarded, reduce_retracing=True)
+            self._guarded[key] = compiled(guarded)
         return self._guarded[key]
 
     def __repr__(self) -> str:

@@ -104,6 +104,27 @@ def _unknown_axes(value: Any, axes: Sequence[int]) -> tf.TensorSpec | None:
     return tf.TensorSpec(shape, tensor.dtype)
 
 
+def compiled(fn: Callable[..., Any], *, jit_compile: bool = False) -> Any:
+    """``tf.function(fn, reduce_retracing=True)`` whose traces TensorFlow counts on their own.
+
+    TensorFlow warns when five of the last ten calls of a Python function
+    traced, counting every ``tf.function`` made from the same code together.
+    Each operator has its own engine and so its own compiled functions: the
+    third operator built in a loop (a fold, a bootstrap sample) set off that
+    warning, whose advice (define the function outside the loop) a user
+    cannot follow. Keyed by the function object itself (the key TensorFlow
+    uses is a private attribute; without it nothing changes), the warning
+    still fires for a function of one engine that keeps retracing.
+    """
+    # reduce_retracing: a short last batch relaxes the batch dimension once
+    # instead of tracing a new graph per batch shape. (XLA still compiles
+    # once per concrete input shape.)
+    function = tf.function(fn, reduce_retracing=True, jit_compile=jit_compile)
+    if hasattr(function, "_key_for_call_stats"):
+        function._key_for_call_stats = function
+    return function
+
+
 # Not converted by autograph: called while tracing, a converted warnings.warn
 # is reported at a line of autograph's generated code and shows that code.
 @tf.autograph.experimental.do_not_convert
@@ -331,10 +352,7 @@ class Engine:
         self._forward_mode_reason = ""
 
     def _compile(self, fn: Callable[..., Any]) -> Callable[..., Any]:
-        # reduce_retracing: a short last batch relaxes the batch dimension once
-        # instead of tracing a new graph per batch shape. (XLA still compiles
-        # once per concrete input shape.)
-        return tf.function(fn, reduce_retracing=True, jit_compile=self.jit_compile)
+        return compiled(fn, jit_compile=self.jit_compile)
 
     # -- compiled products --------------------------------------------------------
     def function(self, name: str, kind: str, part: tuple[int, int] | None = None) -> Callable[..., tf.Tensor]:

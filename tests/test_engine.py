@@ -141,3 +141,37 @@ def test_single_products_are_traced_with_the_batch_and_the_vector_only(logistic,
     assert (len(args), kwargs) == (3, {})
     if name.startswith("hvp"):  # the summed loss's Hessian: N times the mean's
         np.testing.assert_allclose(value, logistic.num_data * dense_hessian(logistic) @ vector, rtol=1e-10)
+
+
+RETRACING = "triggered tf.function retracing"
+
+
+@pytest.fixture
+def fresh_retracing_counts(monkeypatch):
+    """TensorFlow's retracing counts as in a new process (it warns at most twice per function, ever)."""
+    from tensorflow.python.eager.polymorphic_function import polymorphic_function
+
+    monkeypatch.setattr(
+        polymorphic_function, "_frequent_tracing_detector_manager", polymorphic_function._FrequentTracingDetectorManager()
+    )
+
+
+def test_operators_built_in_a_loop_do_not_warn_of_retracing(logistic, fresh_retracing_counts):
+    # Every engine compiles its own functions from the same code. TensorFlow
+    # counted their traces together and, from the third operator, warned the
+    # user to define the function outside the loop.
+    reference = dense_hessian(logistic)
+    vector = RNG.normal(size=reference.shape[1])
+    with tensorflow_log() as logged:
+        for _ in range(6):
+            H = HessianOperator(logistic.model, logistic.loss_fn, (logistic.x, logistic.y), batch_size=400)
+            np.testing.assert_allclose(H.matvec(vector), reference @ vector, rtol=1e-10)
+    assert [record.getMessage()[:80] for record in logged if RETRACING in record.getMessage()] == []
+
+
+def test_a_compiled_function_that_keeps_retracing_still_warns(fresh_retracing_counts):
+    square = _engine.compiled(lambda value: value * value)
+    with tensorflow_log() as logged:
+        for value in range(6):  # a new Python number each call: a new trace each call
+            square(value)
+    assert any(RETRACING in record.getMessage() for record in logged)
