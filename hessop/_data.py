@@ -57,8 +57,22 @@ def _to_tensors(structure: Any) -> Any:
 
 
 def _split_pair(element: Any, where: str) -> tuple[Any, Any]:
-    if isinstance(element, Mapping) or not isinstance(element, (tuple, list)) or len(element) != 2:
-        msg = f"{where}: each batch must be a pair (x, y), got {type(element).__name__}."
+    if isinstance(element, Mapping):
+        msg = (
+            f"{where}: each batch must be a pair (x, y), got a dict with keys {sorted(map(str, element))}; "
+            "map it to pairs first, e.g. dataset.map(lambda d: (d['features'], d['label']))."
+        )
+        raise TypeError(msg)
+    if not isinstance(element, (tuple, list)) or len(element) != 2:
+        got = f"a {type(element).__name__} of {len(element)}" if isinstance(element, (tuple, list)) else type(element).__name__
+        msg = f"{where}: each batch must be a pair (x, y), got {got}."
+        if isinstance(element, (tuple, list)) and len(element) == 3:
+            # Keras datasets often carry (x, y, sample_weight).
+            msg += (
+                " hessop takes no sample weights of its own; to weight examples, carry the weights in y and "
+                "apply them in loss_fn, e.g. data (x, (y, w)) and "
+                "loss_fn=lambda yw, pred: yw[1] * per_example_loss(yw[0], pred)."
+            )
         raise TypeError(msg)
     return element[0], element[1]
 

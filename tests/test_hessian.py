@@ -36,6 +36,29 @@ def test_logistic_matches_closed_form(logistic):
     assert rel_err(H @ np.eye(5), expected) < 1e-10
 
 
+def test_example_weights_carried_in_y_give_the_weighted_closed_form(logistic):
+    # The recipe the error for (x, y, sample_weight) batches gives:
+    # H = X^T diag(w p(1-p)) X / N.
+    weights = np.random.default_rng(3).uniform(0.0, 2.0, size=logistic.num_data)
+
+    def weighted_loss(y_and_weights, prediction):
+        y, w = y_and_weights
+        return w * logistic.loss_fn(y, prediction)
+
+    H = hessop.HessianOperator(logistic.model, weighted_loss, (logistic.x, (logistic.y, weights)), batch_size=128)
+    kernel, bias = (v.numpy() for v in logistic.variables)
+    design = np.column_stack([logistic.x, np.ones(logistic.num_data)])
+    p = 1.0 / (1.0 + np.exp(-(logistic.x @ kernel[:, 0] + bias[0])))
+    expected = design.T @ (design * (weights * p * (1 - p))[:, None]) / logistic.num_data
+    assert rel_err(H @ np.eye(5), expected) < 1e-10
+    triples = tf.data.Dataset.from_tensor_slices((logistic.x, logistic.y, weights)).batch(128)
+    with pytest.raises(TypeError, match=r"^data \(batch 0\): each batch must be a pair \(x, y\), got a tuple of 3\. .*\(x, \(y, w\)\)"):
+        hessop.HessianOperator(logistic.model, logistic.loss_fn, triples)
+    records = tf.data.Dataset.from_tensor_slices({"label": logistic.y, "x": logistic.x}).batch(128)
+    with pytest.raises(TypeError, match=r"got a dict with keys \['label', 'x'\]; map it to pairs"):
+        hessop.HessianOperator(logistic.model, logistic.loss_fn, records)
+
+
 def test_logistic_from_dataset_and_sum_reduction(logistic):
     expected = logistic_closed_form(logistic)
     dataset = tf.data.Dataset.from_tensor_slices((logistic.x, logistic.y)).batch(128)
