@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from hessop._data import Batches
 from hessop._distribute import Replicas, resolve_strategy
 from hessop._dense import DEFAULT_MAX_DENSE, dense_from_operator
-from hessop._engine import Engine
+from hessop._engine import Engine, first_call_on_batch
 from hessop._validation import check_finite_array
 
 __all__ = ["DataPassOperator", "SymmetricDataPassOperator", "as_numpy_dtype"]
@@ -273,7 +273,7 @@ class DataPassOperator(LinearOperator):
         sums = []
         loss_sum = self._engine.strict_loss_sum if self._needs_per_example_loss else self._engine.loss_sum
         for i, (x, y) in enumerate(self._batches):
-            value = float(loss_sum(x, y))
+            value = float(first_call_on_batch(lambda: loss_sum(x, y), i, x, y))
             if not np.isfinite(value):
                 msg = f"loss_fn: the loss is not finite ({value}) on batch {i}; check the data and the model."
                 raise ValueError(msg)

@@ -176,6 +176,62 @@ def _error_summary(error: BaseException) -> str:
     return f"{type(error).__name__}: {summary[:200]}"
 
 
+def _shapes(structure: Any) -> str:
+    shapes = [tuple(tf.convert_to_tensor(leaf).shape) for leaf in tf.nest.flatten(structure) if leaf is not None]
+    return "None" if not shapes else str(shapes[0]) if len(shapes) == 1 else str(shapes)
+
+
+_ERROR_LINE = re.compile(r"^[A-Za-z_.]*(Error|Exception): ")
+# Lines of TF's and Keras's reports around the message: stack frames, their code, context.
+_REPORT_LINES = ("File ", "raise ", "in user code", "Detected at node", "Graph execution error", "Exception encountered", "[[")
+
+
+def _error_message(error: BaseException) -> str:
+    """The message of an error from the model or loss, without the stack and context TF and Keras add.
+
+    Autograph reports "in user code:", the converted frames, then the
+    original error's line; Keras adds "Exception encountered when calling
+    ..." before and "Arguments received by ..." after its message; graph
+    execution adds the frames where the op was defined and the node's name.
+    """
+    lines = [line.strip() for line in re.sub(r"\x1b\[[0-9;]*m", "", str(error)).splitlines()]
+    starts = [i for i, line in enumerate(lines) if _ERROR_LINE.match(line)]
+    if starts:  # the original error's own line, after autograph's stack
+        lines = [_ERROR_LINE.sub("", lines[starts[-1]]), *lines[starts[-1] + 1 :]]
+    kept = []
+    for line in lines:
+        if line.startswith("Arguments received by"):
+            break
+        if line and not line.startswith(_REPORT_LINES):
+            kept.append(line)
+    message = " ".join(kept) or "no message"
+    return message if len(message) <= 300 else message[:297] + "..."
+
+
+def first_call_on_batch(call: Callable[[], Any], index: int, x: Any, y: Any = None) -> Any:
+    """``call()``, the first run of the model (and loss) on data batch ``index``; their errors restated.
+
+    A batch the model cannot take (inputs of the wrong width, a label out of
+    range) fails inside the compiled function: Keras's message then comes last,
+    after autograph's "in user code:" stack, or as a TensorFlow
+    ``InvalidArgumentError`` from graph execution. The error raised here names
+    the batch and its shapes and gives that message in one line; the original
+    is its ``__cause__``. hessop's own checks (marked by `_traced_error`) pass
+    through unchanged.
+    """
+    try:
+        return call()
+    except (TypeError, ValueError, tf.errors.InvalidArgumentError) as error:
+        if getattr(error, "ag_pass_through", False):
+            raise
+        error_type = TypeError if isinstance(error, TypeError) else ValueError
+        msg = (
+            f"data (batch {index}): the model or loss_fn failed on this batch "
+            f"(x {_shapes(x)}, y {_shapes(y)}): {type(error).__name__}: {_error_message(error)}"
+        )
+        raise error_type(msg) from error
+
+
 class _TracedOnce:
     """A compiled per-batch function ``f(x, y[, vector])`` traced once for all shapes.
 

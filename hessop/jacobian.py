@@ -8,6 +8,7 @@ from typing import Any
 import tensorflow as tf
 
 from hessop._base import DataPassOperator
+from hessop._engine import first_call_on_batch
 
 __all__ = ["JacobianOperator"]
 
@@ -100,7 +101,8 @@ class JacobianOperator(DataPassOperator):
             self.num_outputs = 1
         else:
             x0, _ = self._probe_batch()
-            self.num_outputs = int(self._engine.outputs(x0).shape[0]) // self._batches.batch_sizes[0]
+            outputs = first_call_on_batch(lambda: self._engine.outputs(x0), 0, x0)
+            self.num_outputs = int(outputs.shape[0]) // self._batches.batch_sizes[0]
         self.shape = (self.num_data * self.num_outputs, self.num_params)
         prefix = "loss" if uses_loss else "outputs"
         self._forward, self._backward = f"jvp_{prefix}", f"vjp_{prefix}"

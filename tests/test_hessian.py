@@ -360,6 +360,38 @@ def test_wrong_vector_length_names_expected_shape(mlp):
         H.matvec(np.full(H.shape[0], np.nan))
 
 
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda c, x, y: hessop.HessianOperator(c.model, c.loss_fn, (x, y), batch_size=16),
+        lambda c, x, y: hessop.OPGOperator(c.model, c.loss_fn, (x, y), batch_size=16),
+        lambda c, x, y: hessop.JacobianOperator(c.model, None, (x, None), batch_size=16, target="outputs"),
+    ],
+    ids=["hessian", "opg", "jacobian-outputs"],
+)
+def test_data_the_model_cannot_take_is_named_with_keras_message(mlp, make):
+    # Keras's message came last, after autograph's "in user code:" stack.
+    with pytest.raises(
+        ValueError,
+        match=r"^data \(batch 0\): the model or loss_fn failed on this batch \(x \(16, 4\), y (\(16,\)|None)\): "
+        r"ValueError: Input 0 .* expected axis -1 of input shape to have value 5, but received input with shape \(16, 4\)$",
+    ) as caught:
+        make(mlp, mlp.x[:, :4], mlp.y)
+    assert isinstance(caught.value.__cause__, ValueError)  # the original, with its stack
+
+
+def test_a_label_out_of_range_is_named_with_its_batch(mlp):
+    # A TF InvalidArgumentError from graph execution before.
+    y = mlp.y.copy()
+    y[40] = 7
+    with pytest.raises(
+        ValueError,
+        match=r"^data \(batch 2\): .*\(x \(16, 5\), y \(16,\)\): InvalidArgumentError: Received a label value of 7 "
+        r"which is outside the valid range of \[0, 3\)\.",
+    ):
+        hessop.HessianOperator(mlp.model, mlp.loss_fn, (mlp.x, y), batch_size=16)
+
+
 def test_mismatched_lengths_and_empty_data(mlp):
     with pytest.raises(ValueError, match=f"different lengths: x has {mlp.num_data} examples, y has {mlp.num_data - 1}\\."):
         hessop.HessianOperator(mlp.model, mlp.loss_fn, (mlp.x, mlp.y[:-1]))

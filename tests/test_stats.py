@@ -189,6 +189,10 @@ def test_predictive_variance_is_delta_method(fitted):
         hessop.predictive_variance(lambda x: tf.linalg.matvec(x, variable)[:, None], cov, new, params=[variable])
     with pytest.raises(ValueError, match="x: expected input arrays with a leading example dimension, got float"):
         hessop.predictive_variance(lambda x: tf.linalg.matvec(x, variable)[:, None], 1.0, cov, params=[variable])
+    bad = new.copy()
+    bad[[2, 5], 1] = [np.nan, np.inf]
+    with pytest.raises(ValueError, match=r"^x: 2 of 7 examples have non-finite inputs"):
+        hessop.predictive_variance(lambda x: tf.linalg.matvec(x, variable)[:, None], bad, cov, params=[variable])
 
 
 def test_influence_matches_leave_one_out():
