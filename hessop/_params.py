@@ -32,6 +32,7 @@ def resolve_params(model: Any, params: Sequence[Any] | None) -> list[tf.Variable
     string) while it accepts the underlying variable, and the model's reads of
     the Keras variable are reads of that same `tf.Variable`.
     """
+    given = params is not None
     if params is None:
         params = getattr(model, "trainable_variables", None)
         if params is None:
@@ -49,10 +50,18 @@ def resolve_params(model: Any, params: Sequence[Any] | None) -> list[tf.Variable
         msg = f"params: expected a list of tf.Variable, got {type(params).__name__}."
         raise TypeError(msg) from None
     if not params:
-        msg = (
-            "params: the model has no trainable variables (P = 0); build the model "
-            "or pass params=[...] explicitly."
-        )
+        if given:
+            msg = "params: expected at least one variable, got none."
+        elif list(getattr(model, "variables", None) or []):
+            msg = (
+                "params: the model has no trainable variables (P = 0): all its variables are frozen "
+                "(trainable=False); unfreeze the layers to study, or pass params=[...] explicitly."
+            )
+        else:
+            msg = (
+                "params: the model has no trainable variables (P = 0); build the model (give it a "
+                "keras.Input, or call it once on data) or pass params=[...] explicitly."
+            )
         raise ValueError(msg)
     resolved = []
     for i, variable in enumerate(params):

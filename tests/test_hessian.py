@@ -413,9 +413,14 @@ def test_loss_that_is_not_per_example_or_scalar(mlp):
 
 
 def test_model_without_trainable_variables():
-    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1, trainable=False)])
-    with pytest.raises(ValueError, match="no trainable variables"):
-        hessop.HessianOperator(model, keras.losses.MeanSquaredError(), (np.ones((4, 3)), np.ones((4, 1))))
+    frozen = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1, trainable=False)])
+    with pytest.raises(ValueError, match=r"^params: the model has no trainable variables \(P = 0\): all its variables are frozen"):
+        hessop.HessianOperator(frozen, keras.losses.MeanSquaredError(), (np.ones((4, 3)), np.ones((4, 1))))
+    with pytest.raises(ValueError, match=r"^params: expected at least one variable, got none\.$"):
+        hessop.HessianOperator(frozen, keras.losses.MeanSquaredError(), (np.ones((4, 3)), np.ones((4, 1))), params=[])
+    unbuilt = keras.Sequential([keras.layers.Dense(1)])
+    with pytest.raises(ValueError, match=r"^params: the model has no trainable variables \(P = 0\); build the model"):
+        hessop.HessianOperator(unbuilt, keras.losses.MeanSquaredError(), (np.ones((4, 3)), np.ones((4, 1))))
 
 
 def test_non_finite_loss_is_refused(mlp):
