@@ -59,6 +59,25 @@ def test_example_weights_carried_in_y_give_the_weighted_closed_form(logistic):
         hessop.HessianOperator(logistic.model, logistic.loss_fn, records)
 
 
+def test_regularisation_penalties_only_through_loss_fn():
+    # model.losses (kernel_regularizer) are not part of loss_fn; the recipe in
+    # the docs adds them to every example's loss: H gains 2λ on the kernel.
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(50, 3)), rng.normal(size=(50, 1))
+    penalty = 0.1
+    dense = keras.layers.Dense(1, dtype="float64", kernel_regularizer=keras.regularizers.L2(penalty))
+    model = keras.Sequential([keras.Input((3,), dtype="float64"), dense])
+    loss = keras.losses.MeanSquaredError(reduction=None, dtype="float64")
+    design = np.column_stack([x, np.ones(len(x))])
+    data_term = 2 * design.T @ design / len(x)  # of the mean squared error
+    plain = hessop.HessianOperator(model, loss, (x, y), batch_size=16)
+    assert rel_err(plain.to_dense(), data_term) < 1e-12
+    regularised = hessop.HessianOperator(model, lambda t, f: loss(t, f) + tf.add_n(model.losses), (x, y), batch_size=16)
+    # 1e-8: Keras keeps L2's factor as a float32 (0.1 + 1.5e-9).
+    assert rel_err(regularised.to_dense(), data_term + np.diag([2 * penalty] * 3 + [0.0])) < 1e-8
+
+
 def test_logistic_from_dataset_and_sum_reduction(logistic):
     expected = logistic_closed_form(logistic)
     dataset = tf.data.Dataset.from_tensor_slices((logistic.x, logistic.y)).batch(128)
