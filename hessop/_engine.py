@@ -177,7 +177,7 @@ def _error_summary(error: BaseException) -> str:
 
 
 def _shapes(structure: Any) -> str:
-    shapes = [tuple(tf.convert_to_tensor(leaf).shape) for leaf in tf.nest.flatten(structure) if leaf is not None]
+    shapes = [tuple(getattr(leaf, "shape", np.shape(leaf))) for leaf in tf.nest.flatten(structure) if leaf is not None]
     return "None" if not shapes else str(shapes[0]) if len(shapes) == 1 else str(shapes)
 
 

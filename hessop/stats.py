@@ -477,8 +477,8 @@ def predictive_variance(
         raise ValueError(msg)
     for leaf in leaves:
         values = np.asarray(leaf)
-        if np.issubdtype(values.dtype, np.inexact) and not np.all(np.isfinite(values)):
-            bad = int(np.count_nonzero(~np.isfinite(values).reshape(len(values), -1).all(axis=1)))
+        if values.ndim and np.issubdtype(values.dtype, np.inexact) and not np.all(np.isfinite(values)):
+            bad = int(np.count_nonzero(~np.isfinite(values).reshape(values.shape[0], -1).all(axis=1)))
             msg = f"x: {bad} of {num_examples} examples have non-finite inputs (NaN or inf)."
             raise ValueError(msg)
     cov_op = cov if hasattr(cov, "matmat") else _as_operator(cov)

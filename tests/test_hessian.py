@@ -393,9 +393,10 @@ def test_data_the_model_cannot_take_is_named_with_keras_message(mlp, make):
     with pytest.raises(
         ValueError,
         match=r"^data \(batch 0\): the model or loss_fn failed on this batch \(x \(16, 4\), y (\(16,\)|None)\): "
-        r"ValueError: Input 0 .* expected axis -1 of input shape to have value 5, but received input with shape \(16, 4\)$",
+        r"ValueError: .*\b5\b.*\(16, 4\)$",  # Keras's: "... expected axis -1 ... value 5, but received ... (16, 4)"
     ) as caught:
         make(mlp, mlp.x[:, :4], mlp.y)
+    assert "in user code" not in str(caught.value) and "\n" not in str(caught.value)
     assert isinstance(caught.value.__cause__, ValueError)  # the original, with its stack
 
 
