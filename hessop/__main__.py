@@ -24,6 +24,15 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _output_path(text: str) -> str:
+    # Checked before training, not after a minute of it.
+    folder = os.path.dirname(os.path.abspath(text))
+    if not os.path.isdir(folder):
+        msg = f"expected a file in an existing folder, got {text} (no folder {folder})"
+        raise argparse.ArgumentTypeError(msg)
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m hessop", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -39,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--batch-size", type=_positive_int, default=512, help="mini-batch size of the Hessian passes (default 512)")
     demo.add_argument("--trace-matvecs", type=_positive_int, default=60, help="Hutch++ products for the trace (default 60)")
     demo.add_argument("--lanczos", type=_positive_int, default=30, help="Lanczos steps for the spectral density (default 30)")
-    demo.add_argument("--output", default="hessop-demo-spectrum.png", help="spectrum picture (default hessop-demo-spectrum.png)")
+    demo.add_argument("--output", type=_output_path, default="hessop-demo-spectrum.png", help="spectrum picture (default hessop-demo-spectrum.png)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     return parser
 

@@ -54,3 +54,16 @@ def test_demo_cli(tmp_path):
     help_text = subprocess.run([sys.executable, "-m", "hessop", "demo", "--help"], capture_output=True, text=True).stdout
     for option in ("--hidden", "--k", "--batch-size", "--output"):
         assert option in help_text
+
+
+def test_demo_arguments_are_checked_before_training(tmp_path, capsys):
+    from hessop.__main__ import build_parser
+
+    for argv, message in [
+        (["demo", "--k", "0"], "argument --k: expected a positive integer, got 0"),
+        (["demo", "--output", str(tmp_path / "missing" / "x.png")], "argument --output: expected a file in an existing folder"),
+    ]:
+        with pytest.raises(SystemExit) as exited:
+            build_parser().parse_args(argv)
+        assert exited.value.code == 2 and message in capsys.readouterr().err
+    assert build_parser().parse_args(["demo", "--output", str(tmp_path / "x.png")]).output == str(tmp_path / "x.png")
