@@ -197,6 +197,15 @@ def _check_dataset(dataset: tf.data.Dataset) -> None:
             f"{dataset.element_spec}); batch it: dataset.batch(batch_size)."
         )
         raise ValueError(msg)
+    # Batches share their leading (example) axis, unknown after batch() or
+    # equal with drop_remainder=True; known and different, it is not one.
+    leading = [spec.shape[0] for spec in _leaves(dataset.element_spec) if hasattr(spec, "shape") and spec.shape.rank]
+    if leading and None not in leading and len(set(leading)) > 1:
+        msg = (
+            f"data: the tf.data.Dataset's elements have leading axes of different lengths {leading} "
+            f"(element_spec {dataset.element_spec}), so it yields single examples; batch it: dataset.batch(batch_size)."
+        )
+        raise ValueError(msg)
 
 
 def _as_array(value: Any) -> Any:

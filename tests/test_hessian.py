@@ -488,6 +488,13 @@ def test_infinite_unbatched_and_scalar_data_are_refused(mlp):
     assert hessop.HessianOperator(mlp.model, mlp.loss_fn, examples.batch(16).repeat(2)).num_data == 2 * mlp.num_data
     with pytest.raises(ValueError, match=r"yields single examples .*dataset.batch\(batch_size\)"):
         hessop.HessianOperator(mlp.model, mlp.loss_fn, examples)
+    # One-hot targets leave no scalar in the spec: x (5,), y (3,).
+    one_hot = tf.data.Dataset.from_tensor_slices((mlp.x, np.eye(3)[mlp.y]))
+    with pytest.raises(ValueError, match=r"leading axes of different lengths \[5, 3\] .* yields single examples; batch it"):
+        hessop.HessianOperator(mlp.model, mlp.loss_fn, one_hot)
+    exact = one_hot.batch(16, drop_remainder=True)  # leading axes known and equal: batches
+    categorical = keras.losses.CategoricalCrossentropy(from_logits=True, reduction=None, dtype="float64")
+    assert hessop.HessianOperator(mlp.model, categorical, exact).num_data == 64
     with pytest.raises(ValueError, match=r"data \(batch 0\): .*got a scalar in y\."):
         hessop.HessianOperator(mlp.model, mlp.loss_fn, [(mlp.x[:1], mlp.y[0])])
     # A list for x is one array per model input: nested Python lists are scalars there.
