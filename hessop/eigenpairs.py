@@ -14,6 +14,7 @@ from hessop._validation import check_positive_int
 __all__ = ["eigen", "low_rank", "full_rank", "check_k"]
 
 METHODS = ("lanczos", "ipca", "randomized")
+WHICH = ("LA", "LM", "SA", "SM", "BE")  # eigsh's
 
 
 def check_k(k: Any, size: int, *, name: str = "k", allow_full: bool = False) -> int:
@@ -56,9 +57,10 @@ def eigen(
         randomized range finder with ``power_iterations`` subspace iterations
         on blocks of ``k + oversample`` vectors (one data pass per block
         product; largest-magnitude eigenvalues, which="LM" semantics).
-    which : str
-        Passed to ``eigsh`` ("LA": largest algebraic, "LM", "SA", ...). ``"ipca"``
-        supports only "LA" (the largest eigenvalues of a PSD G).
+    which : {"LA", "LM", "SA", "SM", "BE"}
+        Passed to ``eigsh`` ("LA": largest algebraic, "LM": largest magnitude,
+        "SA", "SM": smallest, "BE": both ends). ``"ipca"`` supports only "LA"
+        (the largest eigenvalues of a PSD G), ``"randomized"`` "LM" and "LA".
     oversample : int
         ``"ipca"`` keeps ``k + oversample`` singular directions while streaming
         and drops the extra ones at the end; ``"randomized"`` uses blocks of
@@ -80,8 +82,9 @@ def eigen(
     Raises
     ------
     ValueError
-        ``k`` out of range, unknown ``method``, ``"ipca"`` on an operator that
-        is not an `OPGOperator`, or ``which`` other than "LA" with ``"ipca"``.
+        ``k`` out of range, unknown ``method`` or ``which``, ``"ipca"`` on an
+        operator that is not an `OPGOperator`, or a ``which`` the method does
+        not give.
 
     Notes
     -----
@@ -113,6 +116,13 @@ def eigen(
         raise ValueError(msg)
     k = check_k(k, int(shape[0]))
     oversample = check_positive_int(oversample, "oversample", minimum=0)
+    if which not in WHICH:
+        msg = f"which: expected one of {WHICH}, got {which!r}."
+        raise ValueError(msg)
+    if method == "randomized" and which not in ("LA", "LM"):
+        # The range finder keeps the directions of largest |eigenvalue|.
+        msg = f"which: method='randomized' gives the largest-magnitude eigenvalues (which='LM', or 'LA'), got {which!r}."
+        raise ValueError(msg)
     if method == "ipca":
         return _eigen_incremental_svd(op, k, which=which, oversample=oversample)
     rng = np.random.default_rng(seed)

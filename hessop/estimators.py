@@ -75,6 +75,8 @@ def trace(
     """
     if method not in TRACE_METHODS:
         msg = f"method: expected one of {TRACE_METHODS}, got {method!r}."
+        if method == "exact":
+            msg += " The exact trace is hessop.diagonal(op, method='exact').sum() (P products, in blocks)."
         raise ValueError(msg)
     size = _square_size(op)
     num_matvecs = check_positive_int(num_matvecs, "num_matvecs", 3 if method == "hutch++" else 1)

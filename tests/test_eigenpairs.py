@@ -84,3 +84,8 @@ def test_bad_arguments(mlp):
         hessop.eigen(H, k=2, method="ipca")
     with pytest.raises(ValueError, match="which"):
         hessop.eigen(G, k=2, method="ipca", which="SA")
+    with pytest.raises(ValueError, match=r"^which: expected one of \('LA', 'LM', 'SA', 'SM', 'BE'\), got 'largest'\.$"):
+        hessop.eigen(G, k=2, which="largest")
+    # The range finder would have returned the largest-magnitude ones instead.
+    with pytest.raises(ValueError, match=r"^which: method='randomized' gives the largest-magnitude eigenvalues"):
+        hessop.eigen(G, k=2, method="randomized", which="SA")

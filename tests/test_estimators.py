@@ -73,8 +73,9 @@ def test_spectral_density_puts_mass_on_eigenvalues():
 
 def test_estimators_validate_arguments():
     A, _ = known_spectrum_operator()
-    with pytest.raises(ValueError, match="method"):
+    with pytest.raises(ValueError, match=r"^method: expected one of .* hessop\.diagonal\(op, method='exact'\)\.sum\(\)"):
         hessop.trace(A, method="exact")
+    np.testing.assert_allclose(hessop.diagonal(A, method="exact").sum(), np.trace(A @ np.eye(A.shape[1])), rtol=1e-12)
     with pytest.raises(ValueError, match="num_matvecs"):
         hessop.trace(A, num_matvecs=0)
     with pytest.raises(ValueError, match="square"):
