@@ -384,6 +384,7 @@ class Engine:
         self._reverse_trace_seconds: dict[str, float] = {}
         self._provisional_seconds: dict[str, float] = {}
         self._warned_dtype = False
+        self._warned_unconnected = False
         self.loss_sum = self._compile(self._loss_sum)
         self.strict_loss_sum = self._compile(lambda x, y: tf.reduce_sum(self._per_example_loss(x, y, strict=True)))
         # The two loss sums keep the shapes of each batch: they run first, on
@@ -633,13 +634,45 @@ class Engine:
     def _loss_and_gradient(self, x: Any, y: Any) -> tuple[tf.Tensor, tf.Tensor]:
         with tf.GradientTape() as tape:
             loss = self._loss_sum(x, y)
-        return loss, self.concat(_dense(tape.gradient(loss, self.variables, unconnected_gradients=_ZERO)))
+        return loss, self.concat(self._gradient_parts(tape, loss, first_order=True))
 
     def _gradient_parts(
-        self, tape: tf.GradientTape, target: tf.Tensor, output_gradients: Any = None, variables: Sequence[Any] | None = None
+        self,
+        tape: tf.GradientTape,
+        target: tf.Tensor,
+        output_gradients: Any = None,
+        variables: Sequence[Any] | None = None,
+        *,
+        first_order: bool = False,
     ) -> list[tf.Tensor]:
+        """Gradients of ``target`` (zeros where unconnected); ``first_order``: of the loss or outputs, checked.
+
+        A second derivative may be unconnected for good reason (the loss is
+        linear in a variable); a first one means the loss does not depend on
+        the variable as TensorFlow sees it, which `_warn_unconnected` reports.
+        """
         sources = self.variables if variables is None else variables
-        return _dense(tape.gradient(target, sources, output_gradients=output_gradients, unconnected_gradients=_ZERO))
+        if not first_order:
+            return _dense(tape.gradient(target, sources, output_gradients=output_gradients, unconnected_gradients=_ZERO))
+        gradients = tape.gradient(target, sources, output_gradients=output_gradients)
+        unconnected = [v for v, g in zip(sources, gradients) if g is None]
+        if unconnected:
+            self._warn_unconnected(unconnected)
+        return _dense([tf.zeros_like(v) if g is None else g for v, g in zip(sources, gradients)])
+
+    def _warn_unconnected(self, unconnected: Sequence[Any]) -> None:
+        if self._warned_unconnected:
+            return
+        self._warned_unconnected = True
+        names = ", ".join(repr(v.name) for v in unconnected[:5]) + (", ..." if len(unconnected) > 5 else "")
+        size = sum(int(np.prod(v.shape, dtype=np.int64)) for v in unconnected)
+        _warn_while_tracing(
+            f"params: the loss (or model output) does not depend on {len(unconnected)} of the {len(self.variables)} "
+            f"variables ({names}; {size} of the P = {self.num_params} parameters) as TensorFlow differentiates it: "
+            "their gradients are unconnected, so their rows and columns are zero. A non-differentiable op "
+            "(tf.numpy_function, a cast to an integer) cuts the gradient; variables unused on purpose can be "
+            "left out with params=[...]."
+        )
 
     def _linearize(self, compute: Callable[[], Any], v: tf.Tensor, part: tuple[int, int] | None = None) -> tuple[Any, Any]:
         """``compute()`` and its Jacobian-vector product along the flat ``v``.
@@ -665,7 +698,7 @@ class Engine:
                 value = compute()
             cotangent = tf.nest.map_structure(tf.zeros_like, value)
             dual.watch(cotangent)
-            vjp = self._gradient_parts(primal, value, cotangent, variables)
+            vjp = self._gradient_parts(primal, value, cotangent, variables, first_order=True)
             dot = tf.add_n([tf.reduce_sum(g * t) for g, t in zip(vjp, tangents)])
         jvp = dual.gradient(dot, cotangent, unconnected_gradients=_ZERO)
         if not self._forward_mode_unavailable:
@@ -683,7 +716,7 @@ class Engine:
             with tf.autodiff.ForwardAccumulator(tangent_variables, self.split(v, part)) as acc:
                 with tf.GradientTape() as tape:
                     loss = self._loss_sum(x, y)
-                grads = self._gradient_parts(tape, loss, variables=row_variables)
+                grads = self._gradient_parts(tape, loss, variables=row_variables, first_order=True)
         except _TRACE_ERRORS as error:
             # A mistake in the model or loss fails the same way without the
             # accumulator: raise that one as it is.
@@ -702,7 +735,7 @@ class Engine:
         with tf.GradientTape() as outer:
             with tf.GradientTape() as inner:
                 loss = self._loss_sum(x, y)
-            grads = self._gradient_parts(inner, loss, variables=tangent_variables)
+            grads = self._gradient_parts(inner, loss, variables=tangent_variables, first_order=True)
             dot = tf.add_n([tf.reduce_sum(g * t) for g, t in zip(grads, tangents)])
         return self.concat(self._gradient_parts(outer, dot, variables=row_variables))
 
@@ -713,14 +746,14 @@ class Engine:
     def _vjp_loss(self, x: Any, y: Any, u: tf.Tensor) -> tf.Tensor:
         with tf.GradientTape() as tape:
             losses = self._per_example_loss(x, y, strict=True)
-        return self.concat(self._gradient_parts(tape, losses, tf.stop_gradient(u)))
+        return self.concat(self._gradient_parts(tape, losses, tf.stop_gradient(u), first_order=True))
 
     def _opg(self, x: Any, y: Any, v: tf.Tensor, part: tuple[int, int] | None = None) -> tf.Tensor:
         # One forward pass carries both modes: J v forward, then J^T (J v) backward.
         with tf.GradientTape() as tape:
             losses, jv = self._linearize(lambda: self._per_example_loss(x, y, strict=True), v, part)
         rows = self.part_variables(part)[1]
-        return self.concat(self._gradient_parts(tape, losses, tf.stop_gradient(jv), rows))
+        return self.concat(self._gradient_parts(tape, losses, tf.stop_gradient(jv), rows, first_order=True))
 
     def _per_example_gradients(self, x: Any, y: Any) -> tf.Tensor:
         """(B, P) per-example gradients, vectorized by the tape's pfor Jacobian."""
@@ -739,7 +772,7 @@ class Engine:
         with tf.GradientTape() as tape:
             outputs = self._outputs(x)
         cotangent = tf.reshape(tf.stop_gradient(u), tf.shape(outputs))
-        return self.concat(self._gradient_parts(tape, outputs, cotangent))
+        return self.concat(self._gradient_parts(tape, outputs, cotangent, first_order=True))
 
     def _ggn(self, x: Any, y: Any, v: tf.Tensor, part: tuple[int, int] | None = None) -> tf.Tensor:
         with tf.GradientTape() as tape:
@@ -759,4 +792,4 @@ class Engine:
             dot = tf.add_n([tf.reduce_sum(g * tf.stop_gradient(t)) for g, t in pairs])
         hjv = tf.nest.map_structure(tf.stop_gradient, outer.gradient(dot, fixed, unconnected_gradients=_ZERO))
         rows = self.part_variables(part)[1]
-        return self.concat(self._gradient_parts(tape, predictions, hjv, rows))
+        return self.concat(self._gradient_parts(tape, predictions, hjv, rows, first_order=True))

@@ -14,6 +14,7 @@ import warnings
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from conftest import Case, dense_ggn, dense_hessian, dense_output_jacobian, dense_per_example_gradients, tensorflow_log
 from hessop import GGNOperator, HessianOperator, JacobianOperator, OPGOperator, _engine
@@ -175,3 +176,43 @@ def test_a_compiled_function_that_keeps_retracing_still_warns(fresh_retracing_co
         for value in range(6):  # a new Python number each call: a new trace each call
             square(value)
     assert any(RETRACING in record.getMessage() for record in logged)
+
+
+UNCONNECTED = "does not depend on 1 of the 2 variables"
+
+
+def test_variables_the_loss_does_not_reach_are_reported_once():
+    # tf.numpy_function has no gradient: TensorFlow leaves w1's gradient
+    # unconnected, and hessop's rows for w1 were zeros without a word.
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(30, 3)), rng.normal(size=30)
+    w1, w2 = tf.Variable(rng.normal(size=(3, 4)), name="w1"), tf.Variable(rng.normal(size=4), name="w2")
+
+    def model(inputs):
+        hidden = tf.ensure_shape(tf.numpy_function(np.tanh, [inputs @ w1], tf.float64), [None, 4])
+        return tf.linalg.matvec(hidden, w2)
+
+    def squared_error(targets, outputs):
+        return (targets - outputs) ** 2
+
+    hidden = np.tanh(x @ w1.numpy())
+    expected = np.zeros((16, 16))
+    expected[12:, 12:] = 2 * hidden.T @ hidden / len(x)  # the w2 block of the mean squared error
+    for make in (HessianOperator, GGNOperator):
+        operator = make(model, squared_error, (x, y), params=[w1, w2], batch_size=16)
+        with pytest.warns(UserWarning, match=rf"^params: the loss \(or model output\) {UNCONNECTED} \('w1:0'; 12 of the P = 16"):
+            np.testing.assert_allclose(operator @ np.eye(16)[:, 12], expected[:, 12], rtol=1e-12, atol=1e-15)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # once per operator
+            np.testing.assert_allclose(operator.to_dense(), expected, rtol=1e-12, atol=1e-15)
+
+
+def test_a_loss_linear_in_a_variable_is_not_reported():
+    # Its second derivative is unconnected for good reason; only first derivatives are checked.
+    rng = np.random.default_rng(1)
+    x, y = rng.normal(size=(20, 3)), rng.normal(size=20)
+    w = tf.Variable(rng.normal(size=3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        H = HessianOperator(lambda inputs: tf.linalg.matvec(inputs, w), lambda t, f: -t * f, (x, y), params=[w])
+        np.testing.assert_array_equal(H.to_dense(), np.zeros((3, 3)))
