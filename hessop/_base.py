@@ -79,6 +79,23 @@ def _blas_controller() -> ThreadpoolController:
     return ThreadpoolController()
 
 
+def _non_finite_loss_message(value: float, index: int, x: Any, y: Any) -> str:
+    """Why batch ``index`` has a non-finite loss: its own inputs or targets if they are, else the model or loss."""
+    for name, part in (("x", x), ("y", y)):
+        for leaf in tf.nest.flatten(part):
+            if leaf is None or not tf.as_dtype(leaf.dtype).is_floating:
+                continue
+            finite = np.isfinite(np.asarray(leaf)).reshape(int(leaf.shape[0]), -1).all(axis=1)
+            if not finite.all():
+                rows = np.flatnonzero(~finite)
+                shown = ", ".join(map(str, rows[:5])) + (", ..." if rows.size > 5 else "")
+                return (
+                    f"data (batch {index}): {name} has non-finite values (NaN or inf) in {rows.size} of its "
+                    f"{finite.size} examples (rows {shown} of the batch), so the loss is {value}."
+                )
+    return f"loss_fn: the loss is not finite ({value}) on batch {index}; check the data and the model."
+
+
 class DataPassOperator(LinearOperator):
     """A LinearOperator whose every product is one pass over mini-batches of data.
 
@@ -275,8 +292,7 @@ class DataPassOperator(LinearOperator):
         for i, (x, y) in enumerate(self._batches):
             value = float(first_call_on_batch(lambda: loss_sum(x, y), i, x, y))
             if not np.isfinite(value):
-                msg = f"loss_fn: the loss is not finite ({value}) on batch {i}; check the data and the model."
-                raise ValueError(msg)
+                raise ValueError(_non_finite_loss_message(value, i, x, y))
             sums.append(value)
         return np.asarray(sums)
 

@@ -444,10 +444,16 @@ def test_model_without_trainable_variables():
 
 
 def test_non_finite_loss_is_refused(mlp):
+    # The data's own NaN is named (it was "the loss is not finite"), with its rows.
     x = mlp.x.copy()
-    x[3, 0] = np.nan
-    with pytest.raises(ValueError, match="loss is not finite"):
-        hessop.HessianOperator(mlp.model, mlp.loss_fn, (x, mlp.y))
+    x[[19, 23], 0] = [np.nan, np.inf]
+    with pytest.raises(
+        ValueError, match=r"^data \(batch 1\): x has non-finite values \(NaN or inf\) in 2 of its 16 examples \(rows 3, 7 of the batch\)"
+    ):
+        hessop.HessianOperator(mlp.model, mlp.loss_fn, (x, mlp.y), batch_size=16)
+    # Finite data: the model or loss makes the NaN.
+    with pytest.raises(ValueError, match=r"^loss_fn: the loss is not finite \(nan\) on batch 0"):
+        hessop.HessianOperator(mlp.model, lambda y, f: tf.math.log(-tf.ones_like(f[:, 0])), (mlp.x, mlp.y))
 
 
 def test_non_finite_hvp_is_refused():
