@@ -22,7 +22,7 @@ from hessop._data import Batches
 from hessop._distribute import Replicas, resolve_strategy
 from hessop._dense import DEFAULT_MAX_DENSE, dense_from_operator
 from hessop._engine import Engine, first_call_on_batch
-from hessop._validation import check_finite_array
+from hessop._validation import check_finite_array, non_finite_rows
 
 __all__ = ["DataPassOperator", "SymmetricDataPassOperator", "as_numpy_dtype"]
 
@@ -85,13 +85,12 @@ def _non_finite_loss_message(value: float, index: int, x: Any, y: Any) -> str:
         for leaf in tf.nest.flatten(part):
             if leaf is None or not tf.as_dtype(leaf.dtype).is_floating:
                 continue
-            finite = np.isfinite(np.asarray(leaf)).reshape(int(leaf.shape[0]), -1).all(axis=1)
-            if not finite.all():
-                rows = np.flatnonzero(~finite)
+            rows = non_finite_rows(leaf)
+            if rows.size:
                 shown = ", ".join(map(str, rows[:5])) + (", ..." if rows.size > 5 else "")
                 return (
                     f"data (batch {index}): {name} has non-finite values (NaN or inf) in {rows.size} of its "
-                    f"{finite.size} examples (rows {shown} of the batch), so the loss is {value}."
+                    f"{leaf.shape[0]} examples (rows {shown} of the batch), so the loss is {value}."
                 )
     return f"loss_fn: the loss is not finite ({value}) on batch {index}; check the data and the model."
 

@@ -63,10 +63,12 @@ def _split_pair(element: Any, where: str) -> tuple[Any, Any]:
             "map it to pairs first, e.g. dataset.map(lambda d: (d['features'], d['label']))."
         )
         raise TypeError(msg)
-    if not isinstance(element, (tuple, list)) or len(element) != 2:
-        got = f"a {type(element).__name__} of {len(element)}" if isinstance(element, (tuple, list)) else type(element).__name__
-        msg = f"{where}: each batch must be a pair (x, y), got {got}."
-        if isinstance(element, (tuple, list)) and len(element) == 3:
+    if not isinstance(element, (tuple, list)):
+        msg = f"{where}: each batch must be a pair (x, y), got {type(element).__name__}."
+        raise TypeError(msg)
+    if len(element) != 2:
+        msg = f"{where}: each batch must be a pair (x, y), got a {type(element).__name__} of {len(element)}."
+        if len(element) == 3:
             # Keras datasets often carry (x, y, sample_weight).
             msg += (
                 " hessop takes no sample weights of its own; to weight examples, carry the weights in y and "

@@ -634,7 +634,7 @@ class Engine:
     def _loss_and_gradient(self, x: Any, y: Any) -> tuple[tf.Tensor, tf.Tensor]:
         with tf.GradientTape() as tape:
             loss = self._loss_sum(x, y)
-        return loss, self.concat(self._gradient_parts(tape, loss, first_order=True))
+        return loss, self.concat(self._gradient_parts(tape, loss))
 
     def _gradient_parts(
         self,
@@ -643,16 +643,17 @@ class Engine:
         output_gradients: Any = None,
         variables: Sequence[Any] | None = None,
         *,
-        first_order: bool = False,
+        second_order: bool = False,
     ) -> list[tf.Tensor]:
-        """Gradients of ``target`` (zeros where unconnected); ``first_order``: of the loss or outputs, checked.
+        """Gradients of ``target``, zeros where unconnected.
 
-        A second derivative may be unconnected for good reason (the loss is
-        linear in a variable); a first one means the loss does not depend on
-        the variable as TensorFlow sees it, which `_warn_unconnected` reports.
+        A first derivative (of the loss or outputs) that is unconnected means
+        the loss does not depend on the variable as TensorFlow sees it, which
+        `_warn_unconnected` reports. A ``second_order`` one may be unconnected
+        for good reason (the loss is linear in a variable): not checked.
         """
         sources = self.variables if variables is None else variables
-        if not first_order:
+        if second_order:
             return _dense(tape.gradient(target, sources, output_gradients=output_gradients, unconnected_gradients=_ZERO))
         gradients = tape.gradient(target, sources, output_gradients=output_gradients)
         unconnected = [v for v, g in zip(sources, gradients) if g is None]
@@ -698,7 +699,7 @@ class Engine:
                 value = compute()
             cotangent = tf.nest.map_structure(tf.zeros_like, value)
             dual.watch(cotangent)
-            vjp = self._gradient_parts(primal, value, cotangent, variables, first_order=True)
+            vjp = self._gradient_parts(primal, value, cotangent, variables)
             dot = tf.add_n([tf.reduce_sum(g * t) for g, t in zip(vjp, tangents)])
         jvp = dual.gradient(dot, cotangent, unconnected_gradients=_ZERO)
         if not self._forward_mode_unavailable:
@@ -716,7 +717,7 @@ class Engine:
             with tf.autodiff.ForwardAccumulator(tangent_variables, self.split(v, part)) as acc:
                 with tf.GradientTape() as tape:
                     loss = self._loss_sum(x, y)
-                grads = self._gradient_parts(tape, loss, variables=row_variables, first_order=True)
+                grads = self._gradient_parts(tape, loss, variables=row_variables)
         except _TRACE_ERRORS as error:
             # A mistake in the model or loss fails the same way without the
             # accumulator: raise that one as it is.
@@ -735,9 +736,9 @@ class Engine:
         with tf.GradientTape() as outer:
             with tf.GradientTape() as inner:
                 loss = self._loss_sum(x, y)
-            grads = self._gradient_parts(inner, loss, variables=tangent_variables, first_order=True)
+            grads = self._gradient_parts(inner, loss, variables=tangent_variables)
             dot = tf.add_n([tf.reduce_sum(g * t) for g, t in zip(grads, tangents)])
-        return self.concat(self._gradient_parts(outer, dot, variables=row_variables))
+        return self.concat(self._gradient_parts(outer, dot, variables=row_variables, second_order=True))
 
     # -- per-example loss Jacobian (traced) -----------------------------------------
     def _jvp_loss(self, x: Any, y: Any, v: tf.Tensor) -> tf.Tensor:
@@ -746,14 +747,14 @@ class Engine:
     def _vjp_loss(self, x: Any, y: Any, u: tf.Tensor) -> tf.Tensor:
         with tf.GradientTape() as tape:
             losses = self._per_example_loss(x, y, strict=True)
-        return self.concat(self._gradient_parts(tape, losses, tf.stop_gradient(u), first_order=True))
+        return self.concat(self._gradient_parts(tape, losses, tf.stop_gradient(u)))
 
     def _opg(self, x: Any, y: Any, v: tf.Tensor, part: tuple[int, int] | None = None) -> tf.Tensor:
         # One forward pass carries both modes: J v forward, then J^T (J v) backward.
         with tf.GradientTape() as tape:
             losses, jv = self._linearize(lambda: self._per_example_loss(x, y, strict=True), v, part)
         rows = self.part_variables(part)[1]
-        return self.concat(self._gradient_parts(tape, losses, tf.stop_gradient(jv), rows, first_order=True))
+        return self.concat(self._gradient_parts(tape, losses, tf.stop_gradient(jv), rows))
 
     def _per_example_gradients(self, x: Any, y: Any) -> tf.Tensor:
         """(B, P) per-example gradients, vectorized by the tape's pfor Jacobian."""
@@ -772,7 +773,7 @@ class Engine:
         with tf.GradientTape() as tape:
             outputs = self._outputs(x)
         cotangent = tf.reshape(tf.stop_gradient(u), tf.shape(outputs))
-        return self.concat(self._gradient_parts(tape, outputs, cotangent, first_order=True))
+        return self.concat(self._gradient_parts(tape, outputs, cotangent))
 
     def _ggn(self, x: Any, y: Any, v: tf.Tensor, part: tuple[int, int] | None = None) -> tf.Tensor:
         with tf.GradientTape() as tape:
@@ -792,4 +793,4 @@ class Engine:
             dot = tf.add_n([tf.reduce_sum(g * tf.stop_gradient(t)) for g, t in pairs])
         hjv = tf.nest.map_structure(tf.stop_gradient, outer.gradient(dot, fixed, unconnected_gradients=_ZERO))
         rows = self.part_variables(part)[1]
-        return self.concat(self._gradient_parts(tape, predictions, hjv, rows, first_order=True))
+        return self.concat(self._gradient_parts(tape, predictions, hjv, rows))

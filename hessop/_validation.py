@@ -18,6 +18,12 @@ def check_finite_array(array: Any, name: str) -> None:
         raise ValueError(msg)
 
 
+def non_finite_rows(array: Any) -> np.ndarray:
+    """Indices along the first axis of the examples (rows) of ``array`` that hold a NaN or inf."""
+    array = np.asarray(array)
+    return np.flatnonzero(~np.isfinite(array).reshape(array.shape[0], -1).all(axis=1))
+
+
 def check_positive_int(value: Any, name: str, minimum: int = 1) -> int:
     """An int >= ``minimum`` (bools refused), or ValueError naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:

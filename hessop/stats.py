@@ -25,7 +25,7 @@ from scipy.sparse.linalg import LinearOperator, aslinearoperator
 
 from hessop._dense import DEFAULT_MAX_DENSE, dense_from_operator
 from hessop._solve import NotPositiveDefiniteError, block_cg, smallest_eigenvalue
-from hessop._validation import check_finite_array, check_positive_int
+from hessop._validation import check_finite_array, check_positive_int, non_finite_rows
 from hessop.estimators import diagonal
 
 __all__ = [
@@ -477,9 +477,11 @@ def predictive_variance(
         raise ValueError(msg)
     for leaf in leaves:
         values = np.asarray(leaf)
-        if values.ndim and np.issubdtype(values.dtype, np.inexact) and not np.all(np.isfinite(values)):
-            bad = int(np.count_nonzero(~np.isfinite(values).reshape(values.shape[0], -1).all(axis=1)))
-            msg = f"x: {bad} of {num_examples} examples have non-finite inputs (NaN or inf)."
+        if not values.ndim or not np.issubdtype(values.dtype, np.inexact):
+            continue
+        bad = non_finite_rows(values)
+        if bad.size:
+            msg = f"x: {bad.size} of {num_examples} examples have non-finite inputs (NaN or inf)."
             raise ValueError(msg)
     cov_op = cov if hasattr(cov, "matmat") else _as_operator(cov)
     blocks = []
