@@ -333,8 +333,7 @@ class DataPassOperator(LinearOperator):
 
     def tf_matmat(self, block: Any) -> tf.Tensor:
         """Product with a tensor block of shape (n, k), returned as a (m, k) tensor on the device."""
-        block = self._check_tf_input(block, 2, self.shape[1], "block")
-        return self._tf_checked(tf.transpose(self._apply(tf.transpose(block))))
+        return self._tf_block_product(self._apply, self._check_tf_input(block, 2, self.shape[1], "block"), self.shape[0])
 
     def tf_rmatvec(self, vector: Any) -> tf.Tensor:
         """Adjoint product with a tensor vector of shape (m,), as a tensor on the device."""
@@ -342,12 +341,17 @@ class DataPassOperator(LinearOperator):
 
     def tf_rmatmat(self, block: Any) -> tf.Tensor:
         """Adjoint product with a tensor block of shape (m, k), as a (n, k) tensor on the device."""
-        block = self._check_tf_input(block, 2, self.shape[0], "block")
-        return self._tf_checked(tf.transpose(self._apply_adjoint(tf.transpose(block))))
+        return self._tf_block_product(self._apply_adjoint, self._check_tf_input(block, 2, self.shape[0], "block"), self.shape[1])
+
+    def _tf_block_product(self, apply: Callable[[tf.Tensor], tf.Tensor], block: tf.Tensor, num_rows: int) -> tf.Tensor:
+        if block.shape[1] == 0:  # TF's vectorised products fail on k = 0
+            return tf.zeros((num_rows, 0), dtype=self._compute_dtype)
+        return self._tf_checked(tf.transpose(apply(tf.transpose(block))))
 
     # -- scipy interface --------------------------------------------------------
     def _to_numpy_input(self, array: Any, name: str) -> np.ndarray:
-        array = np.asarray(array)
+        # An np.matrix stays one, so that scipy's matvec returns a matrix as for its own operators.
+        array = array if isinstance(array, np.matrix) else np.asarray(array)
         if np.iscomplexobj(array):
             msg = f"{name}: expected a real array, got dtype {array.dtype}."
             raise TypeError(msg)
@@ -434,17 +438,20 @@ class DataPassOperator(LinearOperator):
         return self._run(self._apply, np.reshape(x, -1))
 
     def _matmat(self, X: np.ndarray) -> np.ndarray:  # noqa: N803
-        if X.shape[1] == 1:
-            return self._matvec(X[:, 0])[:, None]
-        return self._run(self._apply, X.T).T
+        return self._block_product(self._apply, X, self.shape[0])
 
     def _rmatvec(self, x: np.ndarray) -> np.ndarray:
         return self._run(self._apply_adjoint, np.reshape(x, -1))
 
     def _rmatmat(self, X: np.ndarray) -> np.ndarray:  # noqa: N803
-        if X.shape[1] == 1:
-            return self._rmatvec(X[:, 0])[:, None]
-        return self._run(self._apply_adjoint, X.T).T
+        return self._block_product(self._apply_adjoint, X, self.shape[1])
+
+    def _block_product(self, apply: Callable[[tf.Tensor], tf.Tensor], X: np.ndarray, num_rows: int) -> np.ndarray:  # noqa: N803
+        if X.shape[1] == 0:  # as scipy's own operators do; TF's vectorised products fail on k = 0
+            return np.zeros((num_rows, 0), dtype=self.dtype)
+        if X.shape[1] == 1:  # the single-vector product, without vectorisation overhead
+            return self._run(apply, X[:, 0])[:, None]
+        return self._run(apply, X.T).T
 
 
 class SymmetricDataPassOperator(DataPassOperator):

@@ -56,6 +56,14 @@ def _to_tensors(structure: Any) -> Any:
     return tf.nest.map_structure(tf.convert_to_tensor, structure)
 
 
+# Keras data often carry (x, y, sample_weight); hessop's loss_fn sees only (y, pred).
+_SAMPLE_WEIGHT_HINT = (
+    " hessop takes no sample weights of its own; to weight examples, carry the weights in y and "
+    "apply them in loss_fn, e.g. data (x, (y, w)) and "
+    "loss_fn=lambda yw, pred: yw[1] * per_example_loss(yw[0], pred)."
+)
+
+
 def _split_pair(element: Any, where: str) -> tuple[Any, Any]:
     if isinstance(element, Mapping):
         msg = (
@@ -69,12 +77,7 @@ def _split_pair(element: Any, where: str) -> tuple[Any, Any]:
     if len(element) != 2:
         msg = f"{where}: each batch must be a pair (x, y), got a {type(element).__name__} of {len(element)}."
         if len(element) == 3:
-            # Keras datasets often carry (x, y, sample_weight).
-            msg += (
-                " hessop takes no sample weights of its own; to weight examples, carry the weights in y and "
-                "apply them in loss_fn, e.g. data (x, (y, w)) and "
-                "loss_fn=lambda yw, pred: yw[1] * per_example_loss(yw[0], pred)."
-            )
+            msg += _SAMPLE_WEIGHT_HINT
         raise TypeError(msg)
     return element[0], element[1]
 
@@ -108,6 +111,14 @@ class Batches:
             _check_dataset(data)
             self._source = data
             self._count()
+        elif isinstance(data, tuple) and data and all(isinstance(item, np.ndarray) or tf.is_tensor(item) for item in data):
+            # Not batches: a tuple of arrays other than (x, y), e.g. (x, y, sample_weight).
+            msg = f"data: expected (x, y) arrays, got a tuple of {len(data)} array{'s' * (len(data) != 1)}."
+            if len(data) == 1:
+                msg += " Where no targets are needed (model outputs), pass (x, None)."
+            elif len(data) == 3:
+                msg += _SAMPLE_WEIGHT_HINT
+            raise TypeError(msg)
         elif isinstance(data, Iterable) and not isinstance(data, (str, bytes, Mapping, np.ndarray)):
             if iter(data) is data:
                 msg = (

@@ -323,6 +323,22 @@ def test_matmat_equals_columnwise_matvec_and_symmetry(mlp):
     assert rel_err(H.rmatvec(u), H.matvec(u)) < 1e-15
 
 
+@pytest.mark.filterwarnings("ignore::PendingDeprecationWarning")  # np.matrix, on purpose
+def test_empty_blocks_and_np_matrix_as_scipy_operators_do(mlp):
+    H = operator(mlp)
+    P = H.shape[0]
+    reference = sla.aslinearoperator(dense_hessian(mlp))
+    for product in ("matmat", "rmatmat"):
+        out = getattr(H, product)(np.ones((P, 0)))
+        assert out.shape == getattr(reference, product)(np.ones((P, 0))).shape == (P, 0) and out.dtype == H.dtype
+    assert H.tf_matmat(tf.zeros((P, 0), tf.float64)).shape == (P, 0)
+    column = np.matrix(np.linspace(-1.0, 1.0, P)).T
+    for product in ("matvec", "rmatvec"):
+        out = getattr(H, product)(column)
+        assert type(out) is type(getattr(reference, product)(column)) is np.matrix
+        assert rel_err(np.asarray(out), reference @ np.asarray(column)) < 1e-10
+
+
 def test_float32_model_end_to_end_with_eigsh():
     rng = np.random.default_rng(4)
     x = rng.normal(size=(200, 6)).astype("float32")
@@ -506,6 +522,15 @@ def test_infinite_unbatched_and_scalar_data_are_refused(mlp):
     # A list for x is one array per model input: nested Python lists are scalars there.
     with pytest.raises(ValueError, match=r"scalar in x\. \(A list for x holds one array per model input"):
         hessop.HessianOperator(mlp.model, mlp.loss_fn, (mlp.x.tolist(), mlp.y))
+
+
+def test_a_tuple_of_arrays_other_than_x_y_is_named(mlp):
+    # Was read as a tuple of batches: "each batch must be a pair (x, y), got ndarray".
+    weights = np.ones(len(mlp.x))
+    with pytest.raises(TypeError, match=r"^data: expected \(x, y\) arrays, got a tuple of 3 arrays\. .*carry the weights in y"):
+        hessop.HessianOperator(mlp.model, mlp.loss_fn, (mlp.x, mlp.y, weights))
+    with pytest.raises(TypeError, match=r"got a tuple of 1 array\. .*pass \(x, None\)"):
+        hessop.JacobianOperator(mlp.model, None, (mlp.x,), target="outputs")
 
 
 def test_generator_and_wrong_types_are_refused(mlp):

@@ -79,6 +79,14 @@ def test_adjoint_dot_test(mlp, target):
     assert rel_err(J.H @ block, np.column_stack([J.rmatvec(block[:, i]) for i in range(3)])) < 1e-12
 
 
+def test_empty_blocks_have_the_other_side_s_length(mlp):
+    J = loss_jacobian(mlp)
+    num_rows, num_params = J.shape
+    assert J.matmat(np.ones((num_params, 0))).shape == (num_rows, 0)
+    assert J.rmatmat(np.ones((num_rows, 0))).shape == (num_params, 0)
+    assert J.tf_rmatmat(np.ones((num_rows, 0))).shape == (num_params, 0)
+
+
 def test_svds_and_lsqr(mlp):
     J = loss_jacobian(mlp, batch_size=20)
     dense = dense_per_example_gradients(mlp)
