@@ -6,7 +6,24 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["check_finite_array", "check_positive_int"]
+__all__ = ["as_real_array", "check_finite_array", "check_positive_int"]
+
+
+def as_real_array(value: Any, name: str) -> np.ndarray:
+    """``value`` as a float64 array, or TypeError naming ``name``.
+
+    numpy's own errors name no argument ("float() argument must be a string or
+    a real number, not 'JacobianOperator'" for arguments passed out of order),
+    and a complex array would lose its imaginary part with only a warning.
+    """
+    if np.iscomplexobj(value):
+        msg = f"{name}: expected real numbers, got complex values."
+        raise TypeError(msg)
+    try:
+        return np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError) as error:
+        msg = f"{name}: expected an array of real numbers, got {type(value).__name__} ({error})."
+        raise TypeError(msg) from error
 
 
 def check_finite_array(array: Any, name: str) -> None:

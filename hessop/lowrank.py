@@ -10,7 +10,7 @@ import numpy as np
 from scipy.sparse.linalg import LinearOperator
 
 from hessop import _kernels
-from hessop._validation import check_finite_array
+from hessop._validation import as_real_array, check_finite_array
 from hessop._dense import DEFAULT_MAX_DENSE, dense_from_operator
 
 __all__ = ["LowRankOperator", "FullRankOperator", "load"]
@@ -39,7 +39,7 @@ class _SpectralOperator(LinearOperator):
         if rank < 1 or rank > num_params:
             msg = f"Q: expected shape (P, K) with 1 <= K <= P, got {Q.shape}."
             raise ValueError(msg)
-        eigenvalues = np.asarray(eigenvalues, dtype=np.float64)
+        eigenvalues = as_real_array(eigenvalues, "eigenvalues")
         if eigenvalues.shape != (rank,):
             msg = f"eigenvalues: expected shape ({rank},) to match Q's {rank} columns, got {eigenvalues.shape}."
             raise ValueError(msg)
@@ -277,7 +277,7 @@ class FullRankOperator(_SpectralOperator):
         engine: str = "numba",
         check_orthonormal: bool = True,
     ) -> None:
-        values = np.asarray(eigenvalues, dtype=np.float64)
+        values = as_real_array(eigenvalues, "eigenvalues")
         if tail is None:
             if values.size == 0:
                 msg = "eigenvalues: expected at least one eigenvalue."

@@ -25,7 +25,7 @@ from scipy.sparse.linalg import LinearOperator, aslinearoperator
 
 from hessop._dense import DEFAULT_MAX_DENSE, dense_from_operator
 from hessop._solve import NotPositiveDefiniteError, block_cg, smallest_eigenvalue
-from hessop._validation import check_finite_array, check_positive_int, non_finite_rows
+from hessop._validation import as_real_array, check_finite_array, check_positive_int, non_finite_rows
 from hessop.estimators import diagonal
 
 __all__ = [
@@ -555,7 +555,7 @@ def influence(
     array([-1., -1.])
     """
     size = _check_square(hessian, "hessian")
-    test_gradient = np.asarray(test_gradient, dtype=np.float64)
+    test_gradient = as_real_array(test_gradient, "test_gradient")
     if test_gradient.shape != (size,):
         msg = f"test_gradient: expected shape ({size},), got {test_gradient.shape}."
         raise ValueError(msg)

@@ -100,6 +100,10 @@ def test_bad_input():
         hessop.LowRankOperator(Q * 2, values)
     with pytest.raises(ValueError, match=r"eigenvalues: expected shape \(6,\)"):
         hessop.LowRankOperator(Q, values[:3])
+    with pytest.raises(TypeError, match="eigenvalues: expected real numbers, got complex"):
+        hessop.LowRankOperator(Q, values * 1j)
+    with pytest.raises(TypeError, match="eigenvalues: expected an array of real numbers, got str"):
+        hessop.FullRankOperator(Q[:, :1], "2.0, 1.0", tail=0.1)
     with pytest.raises(ValueError, match="Q: expected a 2-D"):
         hessop.LowRankOperator(Q[:, 0], values[:1])
     with pytest.raises(ValueError, match="non-finite"):

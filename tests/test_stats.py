@@ -249,3 +249,8 @@ def test_influence_bad_input(fitted):
         hessop.influence(H, np.ones((4, 2)), np.ones(3))
     with pytest.raises(ValueError, match="method"):
         hessop.influence(H, np.ones((4, 3)), np.ones(3), method="svd")
+    # Arguments out of order: numpy's own error named no argument.
+    with pytest.raises(TypeError, match=r"^test_gradient: expected an array of real numbers, got HessianOperator"):
+        hessop.influence(H, np.ones(3), H)
+    with pytest.raises(TypeError, match="test_gradient: expected real numbers, got complex"):
+        hessop.influence(H, np.ones((4, 3)), np.ones(3) * 1j)  # numpy dropped the imaginary part with a warning
