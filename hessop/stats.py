@@ -14,6 +14,7 @@ factor N is applied to it.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -305,7 +306,9 @@ def standard_errors(hessian: Any, *, num_probes: int | None = None, seed: int = 
     Takes the arguments of `covariance`. Exact for every method by default
     (``"cg"``: P solves in blocks of unit vectors, one data pass per CG
     iteration per block); with ``num_probes`` the diagonal is a Hutchinson
-    estimate from that many random probes instead (for large P with ``"cg"``).
+    estimate from that many random probes instead (for large P with ``"cg"``);
+    an estimate that comes out negative (probe noise, where off-diagonal
+    covariances dwarf a variance) gives NaN and a `RuntimeWarning`, not 0.
 
     Examples
     --------
@@ -316,10 +319,20 @@ def standard_errors(hessian: Any, *, num_probes: int | None = None, seed: int = 
     """
     cov = covariance(hessian, **options)
     variances = cov.diagonal(num_probes=num_probes, seed=seed)
-    if np.any(variances < 0) and num_probes is None:
-        msg = f"standard_errors: negative variance {variances.min():.3g}; the covariance is not PSD."
-        raise ValueError(msg)
-    return np.sqrt(np.maximum(variances, 0.0))
+    negative = variances < 0
+    if np.any(negative):
+        if num_probes is None:
+            msg = f"standard_errors: negative variance {variances.min():.3g}; the covariance is not PSD."
+            raise ValueError(msg)
+        # Hutchinson noise, not a property of the model: a standard error of 0 there would be a false certainty.
+        warnings.warn(
+            f"standard_errors: {int(negative.sum())} of {variances.size} Hutchinson estimates of the variance "
+            f"are negative (noise of num_probes={num_probes} probes); their standard errors are NaN. Use more "
+            "probes, or num_probes=None for the exact diagonal.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return np.sqrt(np.where(negative, np.nan, variances))
 
 
 @dataclass(frozen=True)

@@ -5,9 +5,12 @@ Maximum-likelihood fits are done here with Newton's method in numpy, independent
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import scipy.optimize
+import scipy.sparse.linalg
 import tensorflow as tf
 from conftest import mlp_case, rel_err
 
@@ -113,6 +116,29 @@ def test_stochastic_standard_errors_are_close(fitted):
     exact = hessop.standard_errors(H, method="cg")
     estimate = hessop.standard_errors(H, method="cg", num_probes=400)
     assert rel_err(estimate, exact) < 0.5  # a Hutchinson estimate: close, not exact
+
+
+def test_negative_stochastic_variances_are_nan_with_a_warning():
+    # One Rademacher probe z gives the estimates z ∘ Cz = diag(C) + z0 z1 (c01, c01): with a strong
+    # correlation, z0 z1 = -1 makes the first negative. Its standard error was clipped to a false 0.
+    c01 = 0.999 * 10
+    H = scipy.sparse.linalg.aslinearoperator(np.linalg.inv([[1.0, c01], [c01, 100.0]]))
+    assert np.allclose(hessop.standard_errors(H, num_data=1), [1.0, 10.0])
+    seen = set()
+    for seed in range(10):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            estimate = hessop.standard_errors(H, num_data=1, num_probes=1, seed=seed)
+        if np.isnan(estimate[0]):
+            assert np.isclose(estimate[1], np.sqrt(100.0 - c01))
+            assert [str(w.message)[:70] for w in caught] == [
+                "standard_errors: 1 of 2 Hutchinson estimates of the variance are negat"
+            ]
+            seen.add("negative")
+        else:
+            assert np.allclose(estimate, np.sqrt([1.0 + c01, 100.0 + c01])) and not caught
+            seen.add("positive")
+    assert seen == {"negative", "positive"}
 
 
 def test_summary_table(fitted):
