@@ -217,9 +217,11 @@ def run_until_mode_search(H: hessop.HessianOperator, vector: np.ndarray, max_cal
 def per_example_table(model: keras.Model, loss_fn, x: np.ndarray, y: np.ndarray, gradient, *, repeats: int) -> None:
     """One batch of per-example gradients (B × P, numpy out): hessop against ``tape.jacobian`` by hand.
 
-    Both are pfor over the batch; the hessop engine traces it with its own
-    pfor rules (``hessop/_pfor.py``), and the third row is hessop traced with
-    TensorFlow's rules instead. The batch gradient is the unit.
+    ``tape.jacobian`` runs pfor over the batch's B losses, each a backward
+    pass through all B examples; hessop runs pfor over the examples, each a
+    batch of one, with its own pfor rules (``hessop/_pfor.py``). The third
+    row is hessop traced with TensorFlow's rules instead. The batch gradient
+    is the unit (``bench_per_example.py`` compares the two routes over B).
     """
     variables = [v.value for v in model.trainable_variables]
     xb, yb = tf.constant(x), tf.constant(y)

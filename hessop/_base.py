@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -208,6 +208,15 @@ class DataPassOperator(LinearOperator):
             return self._batches  # no tqdm object per product: it costs per-call time
         # delay: a bar appears only for passes that last longer than a second.
         return tqdm(self._batches, total=self._batches.num_batches, desc=desc, leave=False, unit="batch", delay=1.0)
+
+    def _per_example_rows(self, rows_of_batch: Callable[[Any, Any], tf.Tensor], what: str) -> Iterator[np.ndarray]:
+        """``rows_of_batch(x, y)`` (the engine's per-example gradients or output Jacobian rows) batch by batch, checked."""
+        for x, y in self._iter_batches(what):
+            rows = rows_of_batch(x, y).numpy().astype(self.dtype, copy=False)
+            if not np.all(np.isfinite(rows)):
+                msg = f"{what}: a row is not finite (NaN or inf); check the model, loss and data."
+                raise ValueError(msg)
+            yield rows
 
     def _per_batch(self, name: str, rows: tf.Tensor, part: tuple[int, int] | None = None) -> Callable[..., tf.Tensor]:
         kind = _kind_of(rows)

@@ -391,6 +391,7 @@ class Engine:
         # construction, and check the loss's length against the batch's.
         self.loss_and_gradient = _TracedOnce(self._compile(self._loss_and_gradient))
         self.per_example_gradients = _TracedOnce(self._compile(self._per_example_gradients))
+        self.output_jacobian_rows = _TracedOnce(self._compile(self._output_jacobian_rows))
         self.outputs = self._compile(self._flat_outputs)
         self._singles: dict[str, Callable[..., tf.Tensor]] = {
             "hvp_forward": self._hvp_forward,
@@ -438,30 +439,38 @@ class Engine:
             else:
 
                 def fn(x: Any, y: Any, block: tf.Tensor) -> tf.Tensor:
-                    # This body runs only while tf.function traces it.
-                    if name not in self._looped_blocks:
-                        try:
-                            with pfor_rules(), quiet_conversion_errors():
-                                return tf.vectorized_map(lambda v: single(x, y, v), block)
-                        except _TRACE_ERRORS as error:
-                            reason = error
-                    # pfor could not convert an op: loop over the k vectors in
-                    # the graph instead (still one data pass per block). An
-                    # error of the model or loss itself is raised again here.
-                    looped = tf.map_fn(lambda v: single(x, y, v), block)
-                    if name not in self._looped_blocks:
-                        self._looped_blocks.add(name)
-                        _warn_while_tracing(
-                            f"block products ({name}) of this model cannot be vectorised by tf.vectorized_map "
-                            f"({_error_summary(reason)}); hessop loops over the vectors of a block instead, "
-                            "so a block costs about as much as that many single products."
-                        )
-                    return looped
+                    # This body runs only while tf.function traces it; still one data pass per block.
+                    return self._vectorized_map(
+                        f"block products ({name})", lambda v: single(x, y, v), block, "the vectors of a block", "single products"
+                    )
 
             self._compiled[key] = _TracedOnce(
                 self._compile(fn), block=kind == "block", per_example_vector=name in _PER_EXAMPLE_INPUTS
             )
         return self._compiled[key]
+
+    def _vectorized_map(self, what: str, fn: Callable[[Any], tf.Tensor], elems: Any, items: str, costs: str) -> tf.Tensor:
+        """``fn`` over the leading axis of ``elems`` (traced only): vectorised by pfor where it converts every op.
+
+        Where pfor cannot convert an op, the items are looped over in the graph
+        instead, with one warning per ``what`` and engine; later traces loop
+        straight away. An error of the model or loss itself is raised again by
+        the loop.
+        """
+        if what not in self._looped_blocks:
+            try:
+                with pfor_rules(), quiet_conversion_errors():
+                    return tf.vectorized_map(fn, elems)
+            except _TRACE_ERRORS as error:
+                reason = error
+        looped = tf.map_fn(fn, elems, fn_output_signature=self.dtype)
+        if what not in self._looped_blocks:
+            self._looped_blocks.add(what)
+            _warn_while_tracing(
+                f"{what} of this model cannot be vectorised by tf.vectorized_map ({_error_summary(reason)}); "
+                f"hessop loops over {items} instead, so they cost about as much as that many {costs}."
+            )
+        return looped
 
     def hvp_function(
         self, kind: str, x: Any, y: Any, probe: tf.Tensor, part: tuple[int, int] | None = None
@@ -756,14 +765,44 @@ class Engine:
         rows = self.part_variables(part)[1]
         return self.concat(self._gradient_parts(tape, losses, tf.stop_gradient(jv), rows))
 
+    # -- per-example rows (traced) ---------------------------------------------------
+    # One derivative per example, vectorised over the batch's examples, each
+    # run as a batch of one. Not tape.jacobian of the whole batch's losses:
+    # pfor runs that as B backward passes through all B examples, O(B²) time
+    # and memory (one 4,096-example batch of an MLP 64-64-10: 6.2 s and 5.1 GB
+    # for a 79 MB result; see benchmarks/RESULTS.md). Examples are independent,
+    # as everywhere in hessop: the same curvature comes from any batch size.
+    def _per_example(self, what: str, single: Callable[[Any, Any], tf.Tensor], x: Any, y: Any) -> tf.Tensor:
+        """``single(x_n, y_n)`` on each example n as a batch of one, stacked along a new first axis."""
+
+        def one(example: tuple[Any, ...]) -> tf.Tensor:
+            batch_of_one = tf.nest.map_structure(lambda t: t[None], example)
+            return single(batch_of_one[0], None if y is None else batch_of_one[1])
+
+        elems = (x,) if y is None else (x, y)
+        return self._vectorized_map(what, one, elems, "the examples of a batch", "gradients")
+
     def _per_example_gradients(self, x: Any, y: Any) -> tf.Tensor:
-        """(B, P) per-example gradients, vectorized by the tape's pfor Jacobian."""
-        with tf.GradientTape() as tape:
-            losses = self._per_example_loss(x, y, strict=True)
-        with pfor_rules():  # traced only, as the block products
-            blocks = tape.jacobian(losses, self.variables, unconnected_gradients=_ZERO, experimental_use_pfor=True)
-        batch = tf.shape(losses)[0]
-        return tf.concat([tf.reshape(b, (batch, -1)) for b in blocks], axis=1)
+        """(B, P) per-example gradients of the loss."""
+
+        def gradient(xn: Any, yn: Any) -> tf.Tensor:
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_sum(self._per_example_loss(xn, yn, strict=True))
+            return self.concat(self._gradient_parts(tape, loss))
+
+        return self._per_example("per-example gradients", gradient, x, y)
+
+    def _output_jacobian_rows(self, x: Any, y: Any = None) -> tf.Tensor:
+        """(B·C, P) rows of the output Jacobian, example-major (the order of `jvp_outputs`)."""
+
+        def jacobian(xn: Any, _: Any) -> tf.Tensor:
+            with tf.GradientTape() as tape:
+                outputs = self._outputs(xn)[0]
+            parts = tape.jacobian(outputs, self.variables, unconnected_gradients=_ZERO, experimental_use_pfor=True)
+            return tf.concat([tf.reshape(part, (tf.shape(outputs)[0], -1)) for part in parts], axis=1)
+
+        rows = self._per_example("output Jacobians", jacobian, x, y)
+        return tf.reshape(rows, (-1, self.num_params))
 
     # -- output Jacobian and GGN (traced) -------------------------------------------
     def _jvp_outputs(self, x: Any, y: Any, v: tf.Tensor) -> tf.Tensor:

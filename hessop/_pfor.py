@@ -188,10 +188,19 @@ def pfor_rules() -> Iterator[None]:
 
 
 class _DropConversionErrors(logging.Filter):
-    """Drops the ERROR records of pfor's ``_convert_helper`` (an op it could not convert), nothing else."""
+    """Drops pfor's ERROR records of an op it could not convert and its notes on ops it loops over, nothing else.
+
+    The notes are TensorFlow's own to-dos ("Conv2DBackpropFilter uses a
+    while_loop. Fix that!", for per-example gradients of a convolution): the
+    result is right, and there is nothing for a user to do about them.
+    """
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.levelno >= logging.ERROR and record.module == "pfor" and record.funcName == "_convert_helper")
+        if record.module != "pfor":
+            return True
+        if record.levelno >= logging.ERROR and record.funcName == "_convert_helper":
+            return False
+        return not record.getMessage().endswith("uses a while_loop. Fix that!")
 
 
 @contextlib.contextmanager

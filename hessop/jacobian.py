@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import numpy as np
 import tensorflow as tf
 
 from hessop._base import DataPassOperator
@@ -106,6 +107,31 @@ class JacobianOperator(DataPassOperator):
         self.shape = (self.num_data * self.num_outputs, self.num_params)
         prefix = "loss" if uses_loss else "outputs"
         self._forward, self._backward = f"jvp_{prefix}", f"vjp_{prefix}"
+
+    def row_blocks(self) -> Iterator[np.ndarray]:
+        """Yield the rows of J batch by batch, each a (B·C, P) array (never all of J at once).
+
+        One derivative per example, vectorised over the batch: per-example
+        gradients (``target="loss"``, C = 1), or each example's C × P output
+        Jacobian (``target="outputs"``), in J's row order. A batch costs about
+        B·C gradients of single examples, where ``J.H @ np.eye(B·C)`` would run
+        B·C backward passes through the whole batch.
+
+        Examples
+        --------
+        >>> import numpy as np, tensorflow as tf, hessop
+        >>> beta = tf.Variable([0.5, -1.0], dtype=tf.float64)
+        >>> x = np.array([[1.0, 2.0], [0.5, -1.0], [2.0, 0.0]])
+        >>> J = hessop.JacobianOperator(lambda x: tf.linalg.matvec(x, beta), None, (x, None),
+        ...                             params=[beta], target="outputs", batch_size=2)
+        >>> [rows.shape for rows in J.row_blocks()]
+        [(2, 2), (1, 2)]
+        >>> bool(np.allclose(np.vstack(list(J.row_blocks())), x))  # d(x_n·β)/dβ = x_n
+        True
+        """
+        if self._forward == "jvp_loss":
+            return self._per_example_rows(self._engine.per_example_gradients, "row_blocks")
+        return self._per_example_rows(self._engine.output_jacobian_rows, "row_blocks")
 
     def _apply(self, rows: tf.Tensor) -> tf.Tensor:
         return self._stacked(self._forward, rows)

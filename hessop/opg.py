@@ -42,13 +42,7 @@ class OPGOperator(SymmetricDataPassOperator):
 
     def per_example_gradients(self) -> Iterator[np.ndarray]:
         """Yield the rows of J batch by batch, each a (B, P) array (never all of J at once)."""
-        jacobian = self._engine.per_example_gradients
-        for x, y in self._iter_batches("per-example gradients"):
-            rows = jacobian(x, y).numpy().astype(self.dtype, copy=False)
-            if not np.all(np.isfinite(rows)):
-                msg = "per_example_gradients: a gradient is not finite (NaN or inf)."
-                raise ValueError(msg)
-            yield rows
+        return self._per_example_rows(self._engine.per_example_gradients, "per_example_gradients")
 
 
 def per_example_gradients(

@@ -114,6 +114,20 @@ def test_to_dense_by_parts_through_the_fallbacks(rnn, make, reference, monkeypat
     np.testing.assert_allclose(dense, reference(rnn), rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize(("target", "looped"), [("loss", False), ("outputs", True)])
+def test_per_example_rows_through_the_rnn(rnn, target, looped):
+    # Per-example gradients vectorise through the loop; the nested Jacobian of
+    # each example's outputs does not, and loops over the examples instead.
+    J = JacobianOperator(rnn.model, rnn.loss_fn, (rnn.x, rnn.y), batch_size=5, target=target)
+    reference = dense_per_example_gradients if target == "loss" else dense_output_jacobian
+    with tensorflow_log() as logged, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rows = np.vstack(list(J.row_blocks()))
+    np.testing.assert_allclose(rows, reference(rnn), rtol=1e-10, atol=1e-12)
+    assert any(NOT_VECTORISED in str(w.message) for w in caught) == looped
+    assert [record.getMessage()[:80] for record in logged if record.levelno >= logging.ERROR] == []
+
+
 def test_variable_parts_keep_small_variables_with_the_part_before():
     # Kernel 10×50, bias 50, kernel 50×5, bias 5, kernel 5×1, bias 1: P = 811,
     # so a part begins at a variable of 64 entries or more (the larger of 64

@@ -56,6 +56,19 @@ def test_output_jacobian_matches_autodiff(case):
 
 
 @pytest.mark.parametrize("target", ["loss", "outputs"])
+def test_row_blocks_are_the_rows_of_j_batch_by_batch(case, target):
+    if target == "loss":
+        J, expected = loss_jacobian(case, batch_size=7), dense_per_example_gradients(case)
+    else:
+        J = hessop.JacobianOperator(case.model, None, (case.x, None), params=case.params, target="outputs", batch_size=7)
+        expected = dense_output_jacobian(case)
+    blocks = list(J.row_blocks())
+    assert [b.shape[0] for b in blocks] == [size * J.num_outputs for size in J._batches.batch_sizes]
+    assert all(b.dtype == J.dtype for b in blocks)
+    assert rel_err(np.vstack(blocks), expected) < 1e-10
+
+
+@pytest.mark.parametrize("target", ["loss", "outputs"])
 def test_xla_compiled_jacobian_matches_autodiff(mlp, target):
     data = (mlp.x, mlp.y) if target == "loss" else (mlp.x, None)
     J = hessop.JacobianOperator(mlp.model, mlp.loss_fn, data, target=target, batch_size=20, jit_compile=True)
