@@ -769,9 +769,10 @@ class Engine:
     # One derivative per example, vectorised over the batch's examples, each
     # run as a batch of one. Not tape.jacobian of the whole batch's losses:
     # pfor runs that as B backward passes through all B examples, O(B²) time
-    # and memory (one 4,096-example batch of an MLP 64-64-10: 6.2 s and 5.1 GB
-    # for a 79 MB result; see benchmarks/RESULTS.md). Examples are independent,
-    # as everywhere in hessop: the same curvature comes from any batch size.
+    # and memory (a 4,096-example batch of an MLP 64-64-10: 4.8 s and 13 GB for
+    # a 75 MB result, against 0.08 s and 0.3 GB; benchmarks/bench_per_example.py).
+    # Examples are independent, as everywhere in hessop: the same curvature
+    # comes from any batch size.
     def _per_example(self, what: str, single: Callable[[Any, Any], tf.Tensor], x: Any, y: Any) -> tf.Tensor:
         """``single(x_n, y_n)`` on each example n as a batch of one, stacked along a new first axis."""
 
