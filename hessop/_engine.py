@@ -404,8 +404,9 @@ class Engine:
             "vjp_outputs": self._vjp_outputs,
         }
         self._compiled: dict[tuple[str, str, tuple[int, int] | None], Callable[..., tf.Tensor]] = {}
-        # Set on the first trace that needed them, so later traces skip the attempt.
-        self._looped_blocks: set[str] = set()
+        # The maps (block products, per-example rows) pfor could not vectorise,
+        # set on the first trace that needed a loop, so later traces skip the attempt.
+        self._looped_maps: set[str] = set()
         self._forward_mode_unavailable = False
         self._forward_mode_reason = ""
 
@@ -457,15 +458,15 @@ class Engine:
         straight away. An error of the model or loss itself is raised again by
         the loop.
         """
-        if what not in self._looped_blocks:
+        if what not in self._looped_maps:
             try:
                 with pfor_rules(), quiet_conversion_errors():
                     return tf.vectorized_map(fn, elems)
             except _TRACE_ERRORS as error:
                 reason = error
         looped = tf.map_fn(fn, elems, fn_output_signature=self.dtype)
-        if what not in self._looped_blocks:
-            self._looped_blocks.add(what)
+        if what not in self._looped_maps:
+            self._looped_maps.add(what)
             _warn_while_tracing(
                 f"{what} of this model cannot be vectorised by tf.vectorized_map ({_error_summary(reason)}); "
                 f"hessop loops over {items} instead, so they cost about as much as that many {costs}."
@@ -794,7 +795,7 @@ class Engine:
         return self._per_example("per-example gradients", gradient, x, y)
 
     def _output_jacobian_rows(self, x: Any, y: Any = None) -> tf.Tensor:
-        """(B·C, P) rows of the output Jacobian, example-major (the order of `jvp_outputs`)."""
+        """(B·C, P) rows of the output Jacobian, example-major (the order of `jvp_outputs`); y is not used."""
 
         def jacobian(xn: Any, _: Any) -> tf.Tensor:
             with tf.GradientTape() as tape:
@@ -802,7 +803,7 @@ class Engine:
             parts = tape.jacobian(outputs, self.variables, unconnected_gradients=_ZERO, experimental_use_pfor=True)
             return tf.concat([tf.reshape(part, (tf.shape(outputs)[0], -1)) for part in parts], axis=1)
 
-        rows = self._per_example("output Jacobians", jacobian, x, y)
+        rows = self._per_example("output Jacobians", jacobian, x, None)  # outputs need no targets: y is not sliced
         return tf.reshape(rows, (-1, self.num_params))
 
     # -- output Jacobian and GGN (traced) -------------------------------------------
