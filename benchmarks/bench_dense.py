@@ -5,24 +5,28 @@ Model (``--model``): MLP 64-64-10 (tanh, P = 4,810; the default) or
 cross-entropy, N = 512, float32. Methods, each in its own subprocess so that
 its peak memory (max RSS) is its own:
 
-* ``hessop``: ``HessianOperator.to_dense`` (batched HVPs, lower block
-  triangle by parts of the variables) with its defaults: ``hvp_mode="auto"``
+* ``hessop``: ``HessianOperator.to_dense`` with its defaults: the first
+  layer's kernel block in closed form (``method="auto"``, see
+  ``hessop/_kronecker.py``), every other column from batched HVPs (lower
+  block triangle by parts of the variables), ``hvp_mode="auto"``
   (reverse-over-reverse until its products have taken 4 × as long as
   tracing it, then a search that traces and times both modes) and block
   widths from 16 columns up tried on the first columns, the fastest kept
   for the rest;
-* ``hessop_reverse``: the same with ``hvp_mode="reverse"`` (never searches);
-* ``hessop_reverse_128``: ``hvp_mode="reverse"`` and a fixed ``block_size=128``
-  (the default before session 5);
+* ``hessop_hvp``: the same with ``method="hvp"``: every column from batched
+  HVPs (the default before session 19);
+* ``hessop_reverse_128``: ``method="hvp"``, ``hvp_mode="reverse"`` and a
+  fixed ``block_size=128`` (the default before session 5);
 * ``jacobian``: ``GradientTape.jacobian`` of the full-data gradient (pfor over all P);
 * ``per_column``: the seed paper's route, one HVP per column (P calls);
 * ``tf_hessians``: ``tf.hessians``-style per-variable blocks only (incomplete, for scale).
 
-Then, in fresh processes: ``to_dense()`` (timed widths) against
-``block_size=128``, against the same traced with TensorFlow's pfor rules
-instead of hessop's (see ``hessop/_pfor.py``), against the same as one part
-(every column's tangent in all variables and all rows computed, as before
-session 13), and against ``jacobian``, all in one process and interleaved;
+Then, in fresh processes: ``to_dense()`` against ``method="hvp"`` (timed
+widths), against that with ``block_size=128``, against it traced with
+TensorFlow's pfor rules instead of hessop's (see ``hessop/_pfor.py``),
+against it as one part (every column's tangent in all variables and all
+rows computed, as before session 13), and against ``jacobian``, all in one
+process and interleaved;
 and the work each route does (TF's op-level FLOP count: P times the
 tangent-dependent part of an HVP for ``jacobian``, the same per part for
 ``to_dense``, P whole HVPs for the per-column map) turned into GFLOP/s,
@@ -70,7 +74,7 @@ def record_block_widths(H) -> list[int]:
     """Wrap the block product ``to_dense`` calls so that each block's width is appended to the returned list."""
     widths: list[int] = []
     lower_block_rows = H._lower_block_rows
-    H._lower_block_rows = lambda first, stop: widths.append(stop - first) or lower_block_rows(first, stop)
+    H._lower_block_rows = lambda first, stop, **kwargs: widths.append(stop - first) or lower_block_rows(first, stop, **kwargs)
     return widths
 
 
@@ -114,12 +118,13 @@ def run_method(method: str, num_data: int) -> dict:
     H = None
     widths: list[int] = []
     if method.startswith("hessop"):
-        H = hessop.HessianOperator(model, loss_fn, (x, y), hvp_mode="auto" if method == "hessop" else "reverse")
+        H = hessop.HessianOperator(model, loss_fn, (x, y), hvp_mode="reverse" if method == "hessop_reverse_128" else "auto")
         block_size = 128 if method == "hessop_reverse_128" else None
+        dense_method = "auto" if method == "hessop" else "hvp"
         widths = record_block_widths(H)
 
         def compute():
-            return H.to_dense(block_size=block_size)
+            return H.to_dense(block_size=block_size, method=dense_method)
     elif method == "jacobian":
         compute = jacobian_hessian(model, loss_fn, x, y)
 
@@ -182,11 +187,12 @@ def run_method(method: str, num_data: int) -> dict:
 def compare_in_one_process(num_data: int, rounds: int = 5) -> dict:
     """In one process, interleaved: to_dense() against its variants and against ``jacobian``.
 
-    Variants, all ``hvp_mode="reverse"``: the timed default widths;
-    ``block_size=128``; the default with the block products traced under
-    TensorFlow's own pfor rules instead of hessop's (see
+    Variants, all ``hvp_mode="reverse"``: the default (closed-form kernel
+    block, timed widths); ``method="hvp"``, every column from HVPs (before
+    session 19); that with ``block_size=128``; that with the block products
+    traced under TensorFlow's own pfor rules instead of hessop's (see
     ``hessop/_pfor.py``), which is what to_dense cost before that module;
-    and the default as one part, all rows of every column (before session 13).
+    and that as one part, all rows of every column (before session 13).
     """
     import numpy as np
 
@@ -195,20 +201,22 @@ def compare_in_one_process(num_data: int, rounds: int = 5) -> dict:
     model, loss_fn, x, y = build(num_data)
     H = hessop.HessianOperator(model, loss_fn, (x, y), hvp_mode="reverse")
     widths = record_block_widths(H)
-    H.to_dense(block_size=128)  # trace and warm up both widths
+    H.to_dense(block_size=128, method="hvp")  # trace and warm up both widths and both methods
+    H.to_dense(method="hvp")
     H.to_dense()
     H_tf_rules = hessop.HessianOperator(model, loss_fn, (x, y), hvp_mode="reverse")
     with tensorflow_pfor_rules():  # the block product is traced here
-        H_tf_rules.to_dense()
+        H_tf_rules.to_dense(method="hvp")
     H_one_part = hessop.HessianOperator(model, loss_fn, (x, y), hvp_mode="reverse")
     all_variables = ((0, len(H_one_part._engine.sizes)),)
     H_one_part._engine.variable_parts = lambda: all_variables
-    H_one_part.to_dense()
+    H_one_part.to_dense(method="hvp")
     calls = {
-        "to_dense() (timed widths)": lambda: H.to_dense(),
-        "to_dense(block_size=128)": lambda: H.to_dense(block_size=128),
-        "to_dense(), TF's pfor rules": H_tf_rules.to_dense,
-        "to_dense(), one part": H_one_part.to_dense,
+        "to_dense()": lambda: H.to_dense(),
+        "to_dense(method='hvp') (timed widths)": lambda: H.to_dense(method="hvp"),
+        "to_dense(method='hvp', block_size=128)": lambda: H.to_dense(block_size=128, method="hvp"),
+        "to_dense(method='hvp'), TF's pfor rules": lambda: H_tf_rules.to_dense(method="hvp"),
+        "to_dense(method='hvp'), one part": lambda: H_one_part.to_dense(method="hvp"),
     }
     # The deep model's jacobian peaks at 17.6 GiB alone, and beside the
     # operators above the process was killed on a 24 GiB machine: its
@@ -326,7 +334,7 @@ def main() -> None:
         "--memory-limit-gb", type=float, default=16.0, help="address-space limit of each child process (0: none); the deep model's jacobian needs more than 16"
     )
     parser.add_argument(
-        "--methods", nargs="+", default=["hessop", "hessop_reverse", "hessop_reverse_128", "jacobian", "per_column", "tf_hessians"]
+        "--methods", nargs="+", default=["hessop", "hessop_hvp", "hessop_reverse_128", "jacobian", "per_column", "tf_hessians"]
     )
     parser.add_argument("--model", choices=sorted(MODELS), default="mlp", help="mlp: 64-64-10 (P = 4,810); deep: 64-40-40-40-40-10 (P = 7,930)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -364,7 +372,7 @@ def main() -> None:
     base_second = results.get("hessop", {}).get("second")
     P = next(iter(results.values()))["P"] if results else "?"
     print(f"model: {model_name()}, N = {args.num_data}, float32, P = {P:,}" if results else "")
-    reference = results.get("hessop") or results.get("hessop_reverse")
+    reference = results.get("hessop") or results.get("hessop_hvp")
     for method, r in results.items():
         if method == "tf_hessians" or reference is None:
             agree = "-"
@@ -392,7 +400,7 @@ def main() -> None:
     same = run_child("compare_in_one_process", args.num_data, args.memory_limit_gb)
     print("\nhvp_mode='reverse', one process, 5 interleaved rounds after warm-up:")
     medians = same["median"]
-    default = medians["to_dense() (timed widths)"]
+    default = medians["to_dense()"]
     print(table(["dense Hessian", "median s", "÷ to_dense()"], [[name, round(sec, 2), round(sec / default, 2)] for name, sec in medians.items()]))
     print(f"widths chosen in the five rounds: {same['chosen']}")
     # Work and throughput: what each route computes, and how fast.
@@ -410,8 +418,14 @@ def main() -> None:
     )
     print(f"TF float32 matmul here (best of 30): {work['matmul_layer_shape'] / 1e9:.0f} GFLOP/s at ({args.num_data} × 64)·(64 × {MODELS[MODEL][0] * 64}), "
           f"{work['matmul_2048'] / 1e9:.0f} GFLOP/s at 2048³")
+    kernel_gemm = 2 * args.num_data * 64**2 * MODELS[MODEL][0] ** 2
+    print(
+        f"to_dense() replaces the first kernel's {64 * MODELS[MODEL][0]:,} columns by one GEMM of 2·N·d_in²·d_out² = "
+        f"{kernel_gemm / 1e9:.0f} GFLOP (hessop/_kronecker.py); it took {default:.2f} s, "
+        f"{medians['jacobian'] / default:.1f} × less than jacobian." if "jacobian" in medians else ""
+    )
     timings = {
-        "hessop to_dense(), one process (median above)": (default, work["to_dense_flops"]),
+        "hessop to_dense(method='hvp'), one process (median above)": (medians["to_dense(method='hvp') (timed widths)"], work["to_dense_flops"]),
         **({"jacobian, one process (median above)": (medians["jacobian"], blocked)} if "jacobian" in medians else {}),
     }
     timings.update({f"{m}, second call": (r["second"], separate) for m, r in results.items() if m == "per_column"})

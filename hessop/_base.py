@@ -218,7 +218,7 @@ class DataPassOperator(LinearOperator):
                 raise ValueError(msg)
             yield rows
 
-    def _per_batch(self, name: str, rows: tf.Tensor, part: tuple[int, int] | None = None) -> Callable[..., tf.Tensor]:
+    def _per_batch(self, name: str, rows: tf.Tensor, part: tuple[int, ...] | None = None) -> Callable[..., tf.Tensor]:
         kind = _kind_of(rows)
         if name == "hvp":
             x0, y0 = self._probe_batch()
@@ -232,7 +232,7 @@ class DataPassOperator(LinearOperator):
     def _sized_batches(self) -> Any:
         return ((x, y, size) for (x, y), size in zip(self._iter_batches(type(self).__name__), self._batches.batch_sizes))
 
-    def _summed(self, name: str, rows: tf.Tensor, part: tuple[int, int] | None = None) -> tf.Tensor:
+    def _summed(self, name: str, rows: tf.Tensor, part: tuple[int, ...] | None = None) -> tf.Tensor:
         """Σ over batches of product ``name`` (one data pass whatever k), times `scale`.
 
         ``part``: a variable range (`Engine.variable_parts`) for the restricted
@@ -242,7 +242,7 @@ class DataPassOperator(LinearOperator):
         fn = self._per_batch(name, rows, part)
         began = time.perf_counter()
         if self._replicas is not None:
-            output_size = None if part is None else self.shape[0] - self._part_columns(part)[0]
+            output_size = None if part is None else self._part_rows(part)
             total = self._replicas.summed(fn, self._sized_batches(), rows, output_size)
         else:
             total = _sum_over_batches(fn, ((x, y, rows) for x, y in self._iter_batches(type(self).__name__)))
@@ -431,10 +431,15 @@ class DataPassOperator(LinearOperator):
         rows = tf.one_hot(tf.range(first, stop), self.shape[1], dtype=self._compute_dtype)
         return self._run_rows(self._apply, rows)
 
-    def _part_columns(self, part: tuple[int, int]) -> tuple[int, int]:
+    def _part_columns(self, part: tuple[int, ...]) -> tuple[int, int]:
         """The columns ``(start, stop)`` of a variable range ``part``."""
         offsets = self._column_offsets
         return int(offsets[part[0]]), int(offsets[part[1]])
+
+    def _part_rows(self, part: tuple[int, ...]) -> int:
+        """How many rows a product restricted to ``part`` returns (`Engine.part_variables`)."""
+        _, _, *extra = part
+        return self.shape[0] - self._part_columns(part)[0] + sum(self._engine.sizes[i] for i in extra)
 
     @property
     def _column_offsets(self) -> np.ndarray:
@@ -520,12 +525,14 @@ class SymmetricDataPassOperator(DataPassOperator):
         """Column ranges of `Engine.variable_parts`: `to_dense` builds A[start:, start:stop] for each and mirrors the rest."""
         return tuple(self._part_columns(part) for part in self._engine.variable_parts())
 
-    def _lower_block_rows(self, first: int, stop: int) -> np.ndarray:
+    def _lower_block_rows(self, first: int, stop: int, known_rows: tuple[int, int] | None = None) -> np.ndarray:
         """(A[start:, first:stop])ᵀ for the `_dense_parts` range (start, end) that holds columns first..stop-1.
 
         The restricted product of that part's variables: its tangent enters
         the graph where they are used, and no rows of earlier variables are
         computed (their entries are the transposed rows of earlier columns).
+        ``known_rows``: the columns of one earlier variable, whose rows then
+        come first, (A[known_rows + start:, first:stop])ᵀ.
         """
         parts = self._engine.variable_parts()
         columns = [self._part_columns(part) for part in parts]
@@ -533,9 +540,25 @@ class SymmetricDataPassOperator(DataPassOperator):
         if index is None:
             msg = f"columns {first}:{stop} are not within one of the parts {columns}."
             raise ValueError(msg)
+        part = parts[index]
+        if known_rows is not None:
+            part = (*part, self._variable_at(*known_rows))
         start, end = columns[index]
         rows = tf.one_hot(tf.range(first - start, stop - start), end - start, dtype=self._compute_dtype)
-        return self._run_rows(lambda r: self._summed(self._product, r, parts[index]), rows)
+        return self._restricted_rows(part, rows)
+
+    def _restricted_rows(self, part: tuple[int, ...], rows: tf.Tensor) -> np.ndarray:
+        """The product restricted to ``part`` (`Engine.part_variables`) of tangent rows in its variables."""
+        return self._run_rows(lambda r: self._summed(self._product, r, part), rows)
+
+    def _variable_at(self, start: int, stop: int) -> int:
+        """The index of the variable whose columns are ``start:stop``."""
+        offsets = self._column_offsets
+        index = int(np.searchsorted(offsets, start))
+        if index >= len(self._engine.sizes) or offsets[index] != start or offsets[index + 1] != stop:
+            msg = f"columns {start}:{stop} are not those of one variable."
+            raise ValueError(msg)
+        return index
 
     def _transpose(self) -> SymmetricDataPassOperator:
         return self

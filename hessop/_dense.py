@@ -35,7 +35,7 @@ _SLOWER_BY = 1.10
 _clock = time.perf_counter
 
 
-def dense_from_operator(op: Any, *, max_params: int, block_size: int | None) -> np.ndarray:
+def dense_from_operator(op: Any, *, max_params: int, block_size: int | None, closed_form: bool = True) -> np.ndarray:
     """Columns of ``op`` in blocks of unit vectors, guarded against P×P surprises.
 
     ``block_size=None`` builds the first columns with blocks of growing
@@ -49,6 +49,15 @@ def dense_from_operator(op: Any, *, max_params: int, block_size: int | None) -> 
     variables (`column_parts`): the blocks of a part start with its own rows
     (`lower_block_product`), and the rows above are mirrored from the columns
     before. The blocks of a part never cross into the next.
+
+    An operator may also know one diagonal block in closed form (a
+    `HessianOperator`'s Dense-layer kernel, ``_known_dense_block``): its
+    columns are not built, the other columns' blocks return its rows as well
+    (`_known_rows_product`), and its other entries are mirrored from those.
+    ``_check_dense(dense, start, stop)`` then compares the result with the
+    operator's own products; where it returns False, every column is built
+    again by products. ``closed_form=False`` builds every column by products
+    from the start.
     """
     n_rows, n_cols = op.shape
     if block_size is not None:
@@ -61,22 +70,66 @@ def dense_from_operator(op: Any, *, max_params: int, block_size: int | None) -> 
         )
         raise ValueError(msg)
     dense = np.empty((n_rows, n_cols), dtype=op.dtype)
-    start = 0
-    if block_size is None:
-        start, block_size = _fill_timed_trials(op, dense)
-    while start < n_cols:
-        start = _fill_block(op, dense, start, block_size)
-    for part_start, part_stop in column_parts(op):
-        dense[:part_start, part_start:part_stop] = dense[part_start:part_stop, :part_start].T
+    known_block = getattr(op, "_known_dense_block", None)
+    known = known_block() if closed_form and known_block is not None else None
+    if known is not None:
+        start, stop, block = known
+        dense[start:stop, start:stop] = block
+        _fill(op, dense, block_size, (start, stop))
+        if op._check_dense(dense, start, stop):
+            return dense
+    _fill(op, dense, block_size, None)
     return dense
 
 
-def _fill_block(op: Any, dense: np.ndarray, start: int, width: int) -> int:
-    """dense[r:, start:stop] = op[r:, start:stop], up to ``width`` columns within a part; returns ``stop``."""
+def _fill(op: Any, dense: np.ndarray, block_size: int | None, known: tuple[int, int] | None) -> None:
+    """Every column of ``dense`` but the ``known`` range's (filled already), then the mirrored entries."""
+    n_cols = dense.shape[1]
+    start = _skip_known(0, known)
+    if block_size is None:
+        start, block_size = _fill_timed_trials(op, dense, known)
+    while start < n_cols:
+        start = _fill_block(op, dense, start, block_size, known)
+    if known is not None:
+        first, stop = known
+        dense[:first, first:stop] = dense[first:stop, :first].T
+        dense[stop:, first:stop] = dense[first:stop, stop:].T
+    for part_start, part_stop in column_parts(op):
+        dense[:part_start, part_start:part_stop] = dense[part_start:part_stop, :part_start].T
+
+
+def _skip_known(column: int, known: tuple[int, int] | None) -> int:
+    """``column``, or the first column after the ``known`` range where it falls inside it."""
+    if known is not None and known[0] <= column < known[1]:
+        return known[1]
+    return column
+
+
+def _fill_block(op: Any, dense: np.ndarray, start: int, width: int, known: tuple[int, int] | None = None) -> int:
+    """dense[r:, start:stop] = op[r:, start:stop], up to ``width`` columns within a part; returns the next column.
+
+    The block stops short of the ``known`` columns, and with rows r before
+    them returns their rows too.
+    """
     stop = min(start + width, _part_of(op, start)[1])
-    row_start, block = lower_block_product(op, start, stop)
+    if known is not None and start < known[0]:
+        stop = min(stop, known[0])
+    if known is not None and known[0] < _part_of(op, start)[0]:
+        known_rows, (row_start, block) = _known_rows_product(op, start, stop, known)
+        dense[known[0] : known[1], start:stop] = known_rows
+    else:
+        row_start, block = lower_block_product(op, start, stop)
     dense[row_start:, start:stop] = block
-    return stop
+    return _skip_known(stop, known)
+
+
+def _known_rows_product(
+    op: Any, start: int, stop: int, known: tuple[int, int]
+) -> tuple[np.ndarray, tuple[int, np.ndarray]]:
+    """``(op[known rows, start:stop], (r, op[r:, start:stop]))`` for a part starting at r after the known block."""
+    rows = op._lower_block_rows(start, stop, known_rows=known).T
+    size = known[1] - known[0]
+    return rows[:size], (_part_of(op, start)[0], rows[size:])
 
 
 def column_parts(op: Any) -> tuple[tuple[int, int], ...]:
@@ -106,7 +159,7 @@ def lower_block_product(op: Any, start: int, stop: int) -> tuple[int, np.ndarray
     return 0, op.matmat(unit)
 
 
-def _fill_timed_trials(op: Any, dense: np.ndarray) -> tuple[int, int]:
+def _fill_timed_trials(op: Any, dense: np.ndarray, known: tuple[int, int] | None = None) -> tuple[int, int]:
     """Fill the first columns with blocks of growing width; (next column, fastest width).
 
     Each width runs one untimed block first (the first product may trace a
@@ -126,7 +179,7 @@ def _fill_timed_trials(op: Any, dense: np.ndarray) -> tuple[int, int]:
     faster than it would in the first.
     """
     n_cols = dense.shape[1]
-    start = 0
+    start = _skip_known(0, known)
     watch = _MemoryWatch.start(getattr(op, "_memory_on_host", True))
     seconds_per_column: dict[int, float] = {}
     for width in TRIAL_BLOCK_SIZES:
@@ -137,7 +190,7 @@ def _fill_timed_trials(op: Any, dense: np.ndarray) -> tuple[int, int]:
         while len(samples) < 2 and start < n_cols:
             part = _part_of(op, start)
             began = _clock()
-            stop = _fill_block(op, dense, start, width)
+            stop = _fill_block(op, dense, start, width, known)
             if part == warm_part and stop - start == width:  # not cut short by the end of the part
                 samples.append((_clock() - began) / width)
             warm_part, start = part, stop

@@ -403,7 +403,7 @@ class Engine:
             "jvp_outputs": self._jvp_outputs,
             "vjp_outputs": self._vjp_outputs,
         }
-        self._compiled: dict[tuple[str, str, tuple[int, int] | None], Callable[..., tf.Tensor]] = {}
+        self._compiled: dict[tuple[str, str, tuple[int, ...] | None], Callable[..., tf.Tensor]] = {}
         # The maps (block products, per-example rows) pfor could not vectorise,
         # set on the first trace that needed a loop, so later traces skip the attempt.
         self._looped_maps: set[str] = set()
@@ -414,7 +414,7 @@ class Engine:
         return compiled(fn, jit_compile=self.jit_compile)
 
     # -- compiled products --------------------------------------------------------
-    def function(self, name: str, kind: str, part: tuple[int, int] | None = None) -> Callable[..., tf.Tensor]:
+    def function(self, name: str, kind: str, part: tuple[int, ...] | None = None) -> Callable[..., tf.Tensor]:
         """Compiled per-batch product ``name``; ``kind`` "single" (vector) or "block" (k, n).
 
         ``part``: a variable range from `variable_parts`, for the restricted
@@ -474,7 +474,7 @@ class Engine:
         return looped
 
     def hvp_function(
-        self, kind: str, x: Any, y: Any, probe: tf.Tensor, part: tuple[int, int] | None = None
+        self, kind: str, x: Any, y: Any, probe: tf.Tensor, part: tuple[int, ...] | None = None
     ) -> Callable[..., tf.Tensor]:
         """The compiled per-batch HVP for ``kind`` in {"single", "block"} (restricted to ``part``, if given).
 
@@ -508,7 +508,7 @@ class Engine:
         if kind in self._provisional_seconds and kind not in self._chosen_mode:
             self._provisional_seconds[kind] += seconds
 
-    def _choose_mode(self, kind: str, x: Any, y: Any, probe: tf.Tensor, part: tuple[int, int] | None = None) -> str:
+    def _choose_mode(self, kind: str, x: Any, y: Any, probe: tf.Tensor, part: tuple[int, ...] | None = None) -> str:
         candidates: dict[str, Callable[..., tf.Tensor]] = {}
         for mode in ("reverse", "forward"):
             if mode == "forward" and self._forward_mode_unavailable:
@@ -565,16 +565,21 @@ class Engine:
         parts.append((first, len(self.sizes)))
         return tuple(parts)
 
-    def part_variables(self, part: tuple[int, int] | None) -> tuple[list[tf.Variable], list[tf.Variable]]:
-        """The variables a restricted product takes its tangent in, and those it returns rows for."""
+    def part_variables(self, part: tuple[int, ...] | None) -> tuple[list[tf.Variable], list[tf.Variable]]:
+        """The variables a restricted product takes its tangent in, and those it returns rows for.
+
+        ``part`` is ``(first, stop)``: tangent in ``variables[first:stop]``,
+        rows of ``variables[first:]``; or ``(first, stop, extra)``: the same
+        with the rows of ``variables[extra]`` (an earlier variable) first.
+        """
         if part is None:
             return self.variables, self.variables
-        first, stop = part
-        return self.variables[first:stop], self.variables[first:]
+        first, stop, *extra = part
+        return self.variables[first:stop], [self.variables[i] for i in extra] + self.variables[first:]
 
-    def split(self, vector: tf.Tensor, part: tuple[int, int] | None = None) -> list[tf.Tensor]:
+    def split(self, vector: tf.Tensor, part: tuple[int, ...] | None = None) -> list[tf.Tensor]:
         """Flat (P,) tensor -> list of tensors shaped like the variables (those of ``part`` only, if given)."""
-        first, stop = (0, len(self.sizes)) if part is None else part
+        first, stop = (0, len(self.sizes)) if part is None else part[:2]
         pieces = tf.split(vector, self.sizes[first:stop], axis=-1)
         return [tf.reshape(p, s) for p, s in zip(pieces, self.shapes[first:stop])]
 
@@ -685,7 +690,7 @@ class Engine:
             "left out with params=[...]."
         )
 
-    def _linearize(self, compute: Callable[[], Any], v: tf.Tensor, part: tuple[int, int] | None = None) -> tuple[Any, Any]:
+    def _linearize(self, compute: Callable[[], Any], v: tf.Tensor, part: tuple[int, ...] | None = None) -> tuple[Any, Any]:
         """``compute()`` and its Jacobian-vector product along the flat ``v``.
 
         Forward mode (``ForwardAccumulator``) where TensorFlow has forward
@@ -721,7 +726,7 @@ class Engine:
         return value, jvp
 
     # -- Hessian-vector products (traced) ---------------------------------------
-    def _hvp_forward(self, x: Any, y: Any, v: tf.Tensor, part: tuple[int, int] | None = None) -> tf.Tensor:
+    def _hvp_forward(self, x: Any, y: Any, v: tf.Tensor, part: tuple[int, ...] | None = None) -> tf.Tensor:
         tangent_variables, row_variables = self.part_variables(part)
         try:
             with tf.autodiff.ForwardAccumulator(tangent_variables, self.split(v, part)) as acc:
@@ -740,7 +745,7 @@ class Engine:
             raise _traced_error(ValueError, msg) from error
         return self.concat(acc.jvp(grads, unconnected_gradients=_ZERO))
 
-    def _hvp_reverse(self, x: Any, y: Any, v: tf.Tensor, part: tuple[int, int] | None = None) -> tf.Tensor:
+    def _hvp_reverse(self, x: Any, y: Any, v: tf.Tensor, part: tuple[int, ...] | None = None) -> tf.Tensor:
         tangent_variables, row_variables = self.part_variables(part)
         tangents = self.split(tf.stop_gradient(v), part)
         with tf.GradientTape() as outer:
@@ -759,7 +764,7 @@ class Engine:
             losses = self._per_example_loss(x, y, strict=True)
         return self.concat(self._gradient_parts(tape, losses, tf.stop_gradient(u)))
 
-    def _opg(self, x: Any, y: Any, v: tf.Tensor, part: tuple[int, int] | None = None) -> tf.Tensor:
+    def _opg(self, x: Any, y: Any, v: tf.Tensor, part: tuple[int, ...] | None = None) -> tf.Tensor:
         # One forward pass carries both modes: J v forward, then J^T (J v) backward.
         with tf.GradientTape() as tape:
             losses, jv = self._linearize(lambda: self._per_example_loss(x, y, strict=True), v, part)
@@ -816,7 +821,7 @@ class Engine:
         cotangent = tf.reshape(tf.stop_gradient(u), tf.shape(outputs))
         return self.concat(self._gradient_parts(tape, outputs, cotangent))
 
-    def _ggn(self, x: Any, y: Any, v: tf.Tensor, part: tuple[int, int] | None = None) -> tf.Tensor:
+    def _ggn(self, x: Any, y: Any, v: tf.Tensor, part: tuple[int, ...] | None = None) -> tf.Tensor:
         with tf.GradientTape() as tape:
             predictions, jv = self._linearize(lambda: self._call_model(x), v, part)
         # Hessian of the summed loss w.r.t. the outputs, times J v. Losses are
