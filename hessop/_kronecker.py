@@ -15,11 +15,13 @@ graph. The layer's inputs x_n come from a Keras sub-model that ends there.
 Built from HVPs, W's d_in·d_out columns each cost a pass through the whole
 model; here the block costs one GEMM of (d_in² × N)·(N × d_out²) and d_out
 HVPs per example through the layers after W. For an MLP 64-64-10 on 512
-examples that is 17 GFLOP against about 95 GFLOP (benchmarks/bench_dense.py).
+examples that is a GEMM of 17 GFLOP in place of 4,096 of the 4,810 columns,
+and to_dense took 2.9 × less time (benchmarks/RESULTS.md, dense section).
 
-The assumptions (W and b used once, by this layer; examples independent) hold
-for ``keras.layers.Dense`` layers of a Sequential or functional model called
-once, which `find_dense_kernel` checks; what it cannot see (a custom layer
+The assumptions (W and b used once, by this layer, and nowhere else in the
+loss; examples independent) hold for ``keras.layers.Dense`` layers of a
+Sequential or functional model, called once and without regularizers, which
+`find_dense_kernel` checks; what it cannot see (a custom layer
 reusing ``dense.kernel``, a loss coupling examples) `to_dense` catches by
 comparing the block with a product of the model's own Hessian.
 """
