@@ -26,7 +26,9 @@ widths), against that with ``block_size=128``, against it traced with
 TensorFlow's pfor rules instead of hessop's (see ``hessop/_pfor.py``),
 against it as one part (every column's tangent in all variables and all
 rows computed, as before session 13), and against ``jacobian``, all in one
-process and interleaved;
+process and interleaved; the OPG's dense matrix by ``OPGOperator.to_dense``
+(per-example gradients summed by GEMMs) against its columns from OPG
+products, also in one process;
 and the work each route does (TF's op-level FLOP count: P times the
 tangent-dependent part of an HVP for ``jacobian``, the same per part for
 ``to_dense``, P whole HVPs for the per-column map) turned into GFLOP/s,
@@ -238,6 +240,35 @@ def compare_in_one_process(num_data: int, rounds: int = 5) -> dict:
     return {"median": {k: float(np.median(v)) for k, v in seconds.items()}, "chosen": chosen}
 
 
+def opg_in_one_process(num_data: int, rounds: int = 5) -> dict:
+    """OPGOperator.to_dense (per-example gradients summed by GEMMs) against its columns from OPG products, interleaved."""
+    import numpy as np
+
+    import hessop
+    from hessop._dense import dense_from_operator
+
+    model, loss_fn, x, y = build(num_data)
+    G = hessop.OPGOperator(model, loss_fn, (x, y))
+    calls = {
+        "OPG to_dense() (per-example gradients)": G.to_dense,
+        "OPG from products (before session 19)": lambda: dense_from_operator(G, max_params=10_000, block_size=None, closed_form=False),
+    }
+    first, dense = {}, {}
+    for name, call in calls.items():
+        start = time.perf_counter()
+        dense[name] = call()
+        first[name] = time.perf_counter() - start
+    seconds: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call()
+            seconds[name].append(time.perf_counter() - start)
+    by_rows, by_products = dense.values()
+    difference = float(np.max(np.abs(by_rows - by_products)) / np.max(np.abs(by_products)))
+    return {"first": first, "median": {k: float(np.median(v)) for k, v in seconds.items()}, "difference": difference}
+
+
 def hvp_flops_and_matmul_rates(num_data: int) -> dict:
     """Floating-point work of a dense Hessian by HVPs (TF's own op-level count) and TF matmul rates here.
 
@@ -345,7 +376,7 @@ def main() -> None:
         if args.memory_limit_gb > 0:  # 0: no limit
             limit = int(args.memory_limit_gb * 2**30)
             resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-        helpers = {"compare_in_one_process": compare_in_one_process, "throughput": hvp_flops_and_matmul_rates}
+        helpers = {"compare_in_one_process": compare_in_one_process, "throughput": hvp_flops_and_matmul_rates, "opg": opg_in_one_process}
         result = helpers.get(args.child, lambda n: run_method(args.child, n))(args.num_data)
         print(json.dumps(result))
         return
@@ -403,6 +434,15 @@ def main() -> None:
     default = medians["to_dense()"]
     print(table(["dense Hessian", "median s", "÷ to_dense()"], [[name, round(sec, 2), round(sec / default, 2)] for name, sec in medians.items()]))
     print(f"widths chosen in the five rounds: {same['chosen']}")
+    # The OPG's dense matrix, JᵀJ/N, by its two routes.
+    opg_times = run_child("opg", args.num_data, args.memory_limit_gb)
+    print("\nOPG (G = JᵀJ/N), one process, first calls (tracing included), then medians of 5 interleaved rounds:")
+    opg_base = opg_times["median"]["OPG to_dense() (per-example gradients)"]
+    print(table(
+        ["dense OPG", "first call s", "median s", "÷ to_dense()"],
+        [[name, round(opg_times["first"][name], 2), round(sec, 2), round(sec / opg_base, 2)] for name, sec in opg_times["median"].items()],
+    ))
+    print(f"max relative difference between the two: {opg_times['difference']:.1e}")
     # Work and throughput: what each route computes, and how fast.
     work = run_child("throughput", args.num_data, args.memory_limit_gb)
     per_tangent = work["flops_per_hvp"] - work["flops_per_gradient"]

@@ -18,7 +18,7 @@ from scipy.sparse.linalg import LinearOperator
 from threadpoolctl import ThreadpoolController
 from tqdm.auto import tqdm
 
-from hessop._data import Batches
+from hessop._data import Batches, examples_in, slice_examples
 from hessop._distribute import Replicas, resolve_strategy
 from hessop._dense import DEFAULT_MAX_DENSE, dense_from_operator
 from hessop._engine import Engine, first_call_on_batch
@@ -209,14 +209,23 @@ class DataPassOperator(LinearOperator):
         # delay: a bar appears only for passes that last longer than a second.
         return tqdm(self._batches, total=self._batches.num_batches, desc=desc, leave=False, unit="batch", delay=1.0)
 
-    def _per_example_rows(self, rows_of_batch: Callable[[Any, Any], tf.Tensor], what: str) -> Iterator[np.ndarray]:
-        """``rows_of_batch(x, y)`` (the engine's per-example gradients or output Jacobian rows) batch by batch, checked."""
+    def _per_example_rows(
+        self, rows_of_batch: Callable[[Any, Any], tf.Tensor], what: str, max_examples: int | None = None
+    ) -> Iterator[np.ndarray]:
+        """``rows_of_batch(x, y)`` (the engine's per-example gradients or output Jacobian rows) batch by batch, checked.
+
+        ``max_examples``: split larger batches into pieces of that many examples.
+        """
         for x, y in self._iter_batches(what):
-            rows = rows_of_batch(x, y).numpy().astype(self.dtype, copy=False)
-            if not np.all(np.isfinite(rows)):
-                msg = f"{what}: a row is not finite (NaN or inf); check the model, loss and data."
-                raise ValueError(msg)
-            yield rows
+            size = examples_in(x)
+            step = size if max_examples is None else max(1, max_examples)
+            for first in range(0, size, step):
+                piece = (x, y) if step >= size else slice_examples(x, y, first, first + step)
+                rows = rows_of_batch(*piece).numpy().astype(self.dtype, copy=False)
+                if not np.all(np.isfinite(rows)):
+                    msg = f"{what}: a row is not finite (NaN or inf); check the model, loss and data."
+                    raise ValueError(msg)
+                yield rows
 
     def _per_batch(self, name: str, rows: tf.Tensor, part: tuple[int, ...] | None = None) -> Callable[..., tf.Tensor]:
         kind = _kind_of(rows)

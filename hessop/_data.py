@@ -82,6 +82,16 @@ def _split_pair(element: Any, where: str) -> tuple[Any, Any]:
     return element[0], element[1]
 
 
+def slice_examples(x: Any, y: Any, first: int, stop: int) -> tuple[Any, Any]:
+    """Examples first..stop-1 of a batch of tensors (x and y may be structures; y may be None)."""
+    return tf.nest.map_structure(lambda t: None if t is None else t[first:stop], (x, y))
+
+
+def examples_in(x: Any) -> int:
+    """The number of examples in a batch's x (tensors)."""
+    return int(tf.shape(tf.nest.flatten(x)[0])[0])
+
+
 class Batches:
     """A re-iterable sequence of ``(x, y)`` mini-batches with a known total count.
 

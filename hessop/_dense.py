@@ -56,8 +56,10 @@ def dense_from_operator(op: Any, *, max_params: int, block_size: int | None, clo
     (`_known_rows_product`), and its other entries are mirrored from those.
     ``_check_dense(dense, start, stop)`` then compares the result with the
     operator's own products; where it returns False, every column is built
-    again by products. ``closed_form=False`` builds every column by products
-    from the start.
+    again by products. An operator may instead know the whole matrix
+    (``_known_dense``: `OPGOperator`'s JᵀJ/N from per-example gradients),
+    returned as it is where it is not None. ``closed_form=False`` builds
+    every column by products from the start.
     """
     n_rows, n_cols = op.shape
     if block_size is not None:
@@ -69,6 +71,11 @@ def dense_from_operator(op: Any, *, max_params: int, block_size: int | None, clo
             f"{max_params}; pass a larger max_params to build it anyway, or stay matrix-free."
         )
         raise ValueError(msg)
+    known_dense = getattr(op, "_known_dense", None)
+    if closed_form and known_dense is not None:
+        dense = known_dense()
+        if dense is not None:
+            return dense
     dense = np.empty((n_rows, n_cols), dtype=op.dtype)
     known_block = getattr(op, "_known_dense_block", None)
     known = known_block() if closed_form and known_block is not None else None

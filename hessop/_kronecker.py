@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+from hessop._data import examples_in, slice_examples
 from hessop._engine import _ZERO, _TracedOnce
 
 try:
@@ -139,11 +140,6 @@ def factors_function(engine: Any, dense_kernel: DenseKernel) -> _TracedOnce:
     return _TracedOnce(engine._compile(factors))
 
 
-def _examples(x: Any, y: Any, first: int, stop: int) -> tuple[Any, Any]:
-    """Examples first..stop-1 of a batch (x and y may be structures; y may be None)."""
-    return tf.nest.map_structure(lambda t: None if t is None else t[first:stop], (x, y))
-
-
 @tf.function(reduce_retracing=True)
 def _kronecker_sum(inputs: tf.Tensor, hessians: tf.Tensor) -> tf.Tensor:
     """Σ_n vec(x_n x_nᵀ) vec(M_n)ᵀ: shape (d_in², d_out²)."""
@@ -180,8 +176,8 @@ def kernel_block(batches: Any, factors: _TracedOnce, dense_kernel: DenseKernel, 
 def _factor_pieces(batches: Any, factors: _TracedOnce, examples: int) -> Any:
     """``factors`` of each batch, ``examples`` examples at a time."""
     for x, y in batches:
-        for first in range(0, int(tf.shape(tf.nest.flatten(x)[0])[0]), examples):
-            yield factors(*_examples(x, y, first, first + examples))
+        for first in range(0, examples_in(x), examples):
+            yield factors(*slice_examples(x, y, first, first + examples))
 
 
 def _accumulate(total: tf.Tensor | None, pending: list[tuple[tf.Tensor, tf.Tensor]]) -> tf.Tensor:

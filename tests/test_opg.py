@@ -8,15 +8,37 @@ import tensorflow as tf
 from conftest import compiled_with_xla, dense_per_example_gradients, rel_err
 
 import hessop
+from hessop import opg
+from hessop._dense import dense_from_operator
 
 
 @pytest.mark.parametrize("parts", ["one part", "a part per variable"])
-def test_opg_equals_jtj_over_n(case, parts, request):
+def test_opg_products_equal_jtj_over_n(case, parts, request):
+    # Every column from OPG products (to_dense itself sums per-example gradients).
     if parts == "a part per variable":
         request.getfixturevalue("parts_per_variable")
     G = hessop.OPGOperator(case.model, case.loss_fn, (case.x, case.y), params=case.params, batch_size=16)
     J = dense_per_example_gradients(case)
-    assert rel_err(G.to_dense(block_size=5), J.T @ J / case.num_data) < 1e-10
+    dense = dense_from_operator(G, max_params=10_000, block_size=5, closed_form=False)
+    assert rel_err(dense, J.T @ J / case.num_data) < 1e-10
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_to_dense_sums_per_example_gradients_in_pieces(case, reduction, monkeypatch):
+    # Rows for about 7 examples a GEMM: batches of 16 are cut into pieces,
+    # and the pieces' rows are gathered across batch boundaries.
+    G = hessop.OPGOperator(case.model, case.loss_fn, (case.x, case.y), params=case.params, batch_size=16, reduction=reduction)
+    monkeypatch.setattr(opg, "_ROWS_BYTES", 7 * G.num_params * G.dtype.itemsize)
+    pieces = []
+    rows_of_batch = G._engine.per_example_gradients
+    G._engine.per_example_gradients = lambda x, y: pieces.append(int(tf.shape(tf.nest.flatten(x)[0])[0])) or rows_of_batch(x, y)
+    J = dense_per_example_gradients(case)
+    expected = J.T @ J / (case.num_data if reduction == "mean" else 1)
+    dense = G.to_dense()
+    assert rel_err(dense, expected) < 1e-10
+    assert np.array_equal(dense, dense.T)
+    assert max(pieces) == 7 and sum(pieces) == case.num_data
+    assert not G._engine._compiled  # no product was traced: only per-example gradients
 
 
 def test_xla_compiled_opg_matches_autodiff(mlp):
