@@ -16,7 +16,7 @@ Built from HVPs, W's d_in·d_out columns each cost a pass through the whole
 model; here the block costs one GEMM of (d_in² × N)·(N × d_out²) and d_out
 HVPs per example through the layers after W. For an MLP 64-64-10 on 512
 examples that is a GEMM of 17 GFLOP in place of 4,096 of the 4,810 columns,
-and to_dense took 2.9 × less time (benchmarks/RESULTS.md, dense section).
+and to_dense took 2.5–2.9 × less time (benchmarks/RESULTS.md, dense section).
 
 The assumptions (W and b used once, by this layer, and nowhere else in the
 loss; examples independent) hold for ``keras.layers.Dense`` layers of a

@@ -53,7 +53,7 @@ class OPGOperator(SymmetricDataPassOperator):
         One data pass and one GEMM per ``_ROWS_BYTES`` of rows (numpy's
         ``a.T @ a``, a symmetric rank-k update), instead of a data pass per
         block of unit vectors: on the MLP 64-64-10 of bench_dense.py (N = 512,
-        P = 4,810) 0.17 s against 0.8 s. A batch larger than that is taken
+        P = 4,810) 0.20 s against 0.90 s. A batch larger than that is taken
         in pieces, so the rows held at once stay within it.
         """
         if self._replicas is not None:
