@@ -27,8 +27,9 @@ TensorFlow's pfor rules instead of hessop's (see ``hessop/_pfor.py``),
 against it as one part (every column's tangent in all variables and all
 rows computed, as before session 13), and against ``jacobian``, all in one
 process and interleaved; the OPG's dense matrix by ``OPGOperator.to_dense``
-(per-example gradients summed by GEMMs) against its columns from OPG
-products, also in one process;
+(per-example gradients summed by GEMMs) and the GGN's (its first kernel's
+block in closed form) against their columns from products, also in one
+process;
 and the work each route does (TF's op-level FLOP count: P times the
 tangent-dependent part of an HVP for ``jacobian``, the same per part for
 ``to_dense``, P whole HVPs for the per-column map) turned into GFLOP/s,
@@ -240,8 +241,12 @@ def compare_in_one_process(num_data: int, rounds: int = 5) -> dict:
     return {"median": {k: float(np.median(v)) for k, v in seconds.items()}, "chosen": chosen}
 
 
-def opg_in_one_process(num_data: int, rounds: int = 5) -> dict:
-    """OPGOperator.to_dense (per-example gradients summed by GEMMs) against its columns from OPG products, interleaved."""
+def opg_ggn_in_one_process(num_data: int, rounds: int = 5) -> dict:
+    """The OPG's and GGN's to_dense against their columns from products, interleaved in one process.
+
+    OPG: per-example gradients summed by GEMMs; GGN: the first kernel's
+    block in closed form (per-example GGN of its bias), the rest by products.
+    """
     import numpy as np
 
     import hessop
@@ -249,10 +254,19 @@ def opg_in_one_process(num_data: int, rounds: int = 5) -> dict:
 
     model, loss_fn, x, y = build(num_data)
     G = hessop.OPGOperator(model, loss_fn, (x, y))
-    calls = {
-        "OPG to_dense() (per-example gradients)": G.to_dense,
-        "OPG from products (before session 19)": lambda: dense_from_operator(G, max_params=10_000, block_size=None, closed_form=False),
+    GGN = hessop.GGNOperator(model, loss_fn, (x, y))
+
+    def by_products(op):
+        return lambda: dense_from_operator(op, max_params=10_000, block_size=None, closed_form=False)
+
+    pairs = {
+        "OPG": ("to_dense() (per-example gradients)", G.to_dense, by_products(G)),
+        "GGN": ("to_dense() (closed-form kernel block)", GGN.to_dense, by_products(GGN)),
     }
+    calls = {}
+    for name, (label, closed, products) in pairs.items():
+        calls[f"{name} {label}"] = closed
+        calls[f"{name} from products (before session 19)"] = products
     first, dense = {}, {}
     for name, call in calls.items():
         start = time.perf_counter()
@@ -264,8 +278,11 @@ def opg_in_one_process(num_data: int, rounds: int = 5) -> dict:
             start = time.perf_counter()
             call()
             seconds[name].append(time.perf_counter() - start)
-    by_rows, by_products = dense.values()
-    difference = float(np.max(np.abs(by_rows - by_products)) / np.max(np.abs(by_products)))
+    values = list(dense.values())
+    difference = {
+        name: float(np.max(np.abs(values[2 * i] - values[2 * i + 1])) / np.max(np.abs(values[2 * i + 1])))
+        for i, name in enumerate(pairs)
+    }
     return {"first": first, "median": {k: float(np.median(v)) for k, v in seconds.items()}, "difference": difference}
 
 
@@ -376,7 +393,7 @@ def main() -> None:
         if args.memory_limit_gb > 0:  # 0: no limit
             limit = int(args.memory_limit_gb * 2**30)
             resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-        helpers = {"compare_in_one_process": compare_in_one_process, "throughput": hvp_flops_and_matmul_rates, "opg": opg_in_one_process}
+        helpers = {"compare_in_one_process": compare_in_one_process, "throughput": hvp_flops_and_matmul_rates, "opg_ggn": opg_ggn_in_one_process}
         result = helpers.get(args.child, lambda n: run_method(args.child, n))(args.num_data)
         print(json.dumps(result))
         return
@@ -434,15 +451,16 @@ def main() -> None:
     default = medians["to_dense()"]
     print(table(["dense Hessian", "median s", "÷ to_dense()"], [[name, round(sec, 2), round(sec / default, 2)] for name, sec in medians.items()]))
     print(f"widths chosen in the five rounds: {same['chosen']}")
-    # The OPG's dense matrix, JᵀJ/N, by its two routes.
-    opg_times = run_child("opg", args.num_data, args.memory_limit_gb)
-    print("\nOPG (G = JᵀJ/N), one process, first calls (tracing included), then medians of 5 interleaved rounds:")
-    opg_base = opg_times["median"]["OPG to_dense() (per-example gradients)"]
-    print(table(
-        ["dense OPG", "first call s", "median s", "÷ to_dense()"],
-        [[name, round(opg_times["first"][name], 2), round(sec, 2), round(sec / opg_base, 2)] for name, sec in opg_times["median"].items()],
-    ))
-    print(f"max relative difference between the two: {opg_times['difference']:.1e}")
+    # The OPG's and the GGN's dense matrices, each by its two routes.
+    other = run_child("opg_ggn", args.num_data, args.memory_limit_gb)
+    print("\nOPG (G = JᵀJ/N) and GGN, one process, first calls (tracing included), then medians of 5 interleaved rounds:")
+    names = list(other["median"])
+    rows_ = []
+    for i in range(0, len(names), 2):
+        base_ = other["median"][names[i]]
+        rows_ += [[n, round(other["first"][n], 2), round(other["median"][n], 2), round(other["median"][n] / base_, 2)] for n in names[i : i + 2]]
+    print(table(["dense matrix", "first call s", "median s", "÷ its to_dense()"], rows_))
+    print("max relative difference between the two routes: " + ", ".join(f"{k} {v:.1e}" for k, v in other["difference"].items()))
     # Work and throughput: what each route computes, and how fast.
     work = run_child("throughput", args.num_data, args.memory_limit_gb)
     per_tangent = work["flops_per_hvp"] - work["flops_per_gradient"]

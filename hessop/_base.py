@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -21,12 +22,15 @@ from tqdm.auto import tqdm
 from hessop._data import Batches, examples_in, slice_examples
 from hessop._distribute import Replicas, resolve_strategy
 from hessop._dense import DEFAULT_MAX_DENSE, dense_from_operator
-from hessop._engine import Engine, first_call_on_batch
+from hessop._engine import _TRACE_ERRORS, Engine, first_call_on_batch
+from hessop._kronecker import factors_function, find_dense_kernel, kernel_block
 from hessop._validation import check_finite_array, non_finite_rows
 
 __all__ = ["DataPassOperator", "SymmetricDataPassOperator", "as_numpy_dtype"]
 
 REDUCTIONS = ("mean", "sum")
+# Seed of the two random tangents that check a closed-form kernel block.
+_CHECK_SEED = 0
 
 
 def as_numpy_dtype(dtype: Any, default: Any) -> np.dtype:
@@ -517,6 +521,11 @@ class SymmetricDataPassOperator(DataPassOperator):
             jit_compile=jit_compile,
         )
 
+    # The curvature of a Dense layer's bias ("hessian" or "ggn") whose per-example
+    # values give the kernel's block of `to_dense` in closed form (hessop/_kronecker.py);
+    # None: every column from products.
+    _kernel_curvature: str | None = None
+
     def _setup(self, model: Any, loss_fn: Any, data: Any, **options: Any) -> None:
         if loss_fn is None:
             msg = f"loss_fn: {type(self).__name__} needs a loss function, got None."
@@ -572,6 +581,55 @@ class SymmetricDataPassOperator(DataPassOperator):
     def _transpose(self) -> SymmetricDataPassOperator:
         return self
 
+    def _known_dense_block(self) -> tuple[int, int, np.ndarray] | None:
+        """``(start, stop, A[start:stop, start:stop])`` for a Dense layer's kernel (`hessop._kronecker`), or None."""
+        if self._kernel_curvature is None or self._replicas is not None:
+            return None  # (under replicas the closed form would run on one device)
+        if not hasattr(self, "_dense_kernel"):  # found once: the model's layers and the variables stay
+            self._dense_kernel = find_dense_kernel(self._engine)
+            self._kernel_factors = (
+                None if self._dense_kernel is None else factors_function(self._engine, self._dense_kernel, self._kernel_curvature)
+            )
+        dense_kernel = self._dense_kernel
+        if dense_kernel is None:
+            return None
+        try:
+            block = kernel_block(self._iter_batches("kernel block"), self._kernel_factors, dense_kernel, self.scale)
+        except _TRACE_ERRORS:
+            self._dense_kernel = None  # e.g. per-example curvatures pfor cannot build: the products still can
+            return None
+        if not np.all(np.isfinite(block)):
+            return None  # the products raise their own error
+        start, stop = self._part_columns((dense_kernel.kernel, dense_kernel.kernel + 1))
+        return start, stop, block.astype(self.dtype, copy=False)
+
+    def _check_dense(self, dense: np.ndarray, start: int, stop: int) -> bool:
+        """Whether two products with random tangents in the kernel match ``dense``'s columns start:stop."""
+        kernel = self._variable_at(start, stop)
+        part = next(p for p in self._engine.variable_parts() if p[0] <= kernel < p[1])
+        part_start, part_stop = self._part_columns(part)
+        tangents = np.random.default_rng(_CHECK_SEED).standard_normal((2, stop - start))
+        rows = np.zeros((2, part_stop - part_start), dtype=self._compute_dtype.as_numpy_dtype)
+        rows[:, start - part_start : stop - part_start] = tangents
+        products = self._restricted_rows(part, tf.constant(rows)).astype(np.float64)
+        expected = (rows[:, start - part_start : stop - part_start] @ dense[part_start:, start:stop].T).astype(np.float64)
+        difference, size = np.linalg.norm(products - expected), np.linalg.norm(expected)
+        tolerance = float(np.sqrt(np.finfo(self._compute_dtype.as_numpy_dtype).eps))
+        relative = difference / size if size > 0 else difference
+        if relative <= tolerance:
+            return True
+        name = self._dense_kernel.name
+        self._dense_kernel = None  # the model's structure decides it: later calls use products straight away
+        warnings.warn(
+            f"to_dense: Dense layer {name!r}: the closed form of its kernel's block differs from the "
+            f"{type(self).__name__}'s own products by {relative:.1e} (relative; tolerance {tolerance:.1e}), so the "
+            "model does not use the layer as a Dense layer alone would (a custom layer reusing its kernel "
+            "or bias, or a loss that couples examples); every column is built from products instead.",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+        return False
+
     def to_dense(self, *, max_params: int = DEFAULT_MAX_DENSE, block_size: int | None = None) -> np.ndarray:
         """The full P×P matrix, off-diagonal blocks between variables included.
 
@@ -586,6 +644,12 @@ class SymmetricDataPassOperator(DataPassOperator):
         earlier columns. For variables in the order the model uses them, a
         column of a late layer then skips the early layers' work (one extra
         graph trace per part).
+
+        Where a closed form is known, it replaces products: the GGN's block
+        of the largest ``keras.layers.Dense`` kernel (as for
+        `HessianOperator.to_dense`, with the per-example GGN of the bias,
+        checked the same way), and the whole of the OPG, summed from
+        per-example gradients.
 
         Parameters
         ----------

@@ -120,8 +120,13 @@ def _model_inputs(model: Any) -> Any:
     return model.input
 
 
-def factors_function(engine: Any, dense_kernel: DenseKernel) -> _TracedOnce:
-    """Compiled ``(x, y) -> (X, M)``: the layer's inputs (B, d_in) and per-example bias Hessians (B, d_out, d_out)."""
+def factors_function(engine: Any, dense_kernel: DenseKernel, curvature: str) -> _TracedOnce:
+    """Compiled ``(x, y) -> (X, M)``: the layer's inputs (B, d_in) and per-example curvatures of the bias (B, d_out, d_out).
+
+    ``curvature``: "hessian" (∂²ℓ_n/∂b²) or "ggn" (J_bᵀ ∇²_f ℓ_n J_b, with
+    J_b the Jacobian of the example's outputs f with respect to b). Either
+    is the z-space matrix of the kernel's block, as b enters like W.
+    """
     bias = engine.variables[dense_kernel.bias]
 
     def bias_hessian(xn: Any, yn: Any) -> tf.Tensor:
@@ -132,10 +137,29 @@ def factors_function(engine: Any, dense_kernel: DenseKernel) -> _TracedOnce:
             gradient = inner.gradient(loss, bias, unconnected_gradients=_ZERO)
         return outer.jacobian(gradient, bias, unconnected_gradients=_ZERO, experimental_use_pfor=True)
 
+    def bias_ggn(xn: Any, yn: Any) -> tf.Tensor:
+        # As Engine._ggn: several output heads are one output, in tf.nest.flatten order.
+        with tf.GradientTape() as tape:
+            predictions = engine._call_model(xn)
+            outputs = tf.concat([tf.reshape(head, [-1]) for head in tf.nest.flatten(predictions)], axis=0)
+        output_jacobian = tape.jacobian(outputs, bias, unconnected_gradients=_ZERO, experimental_use_pfor=True)  # (C, d_out)
+        fixed = tf.nest.map_structure(tf.stop_gradient, predictions)
+        with tf.GradientTape() as outer:
+            outer.watch(fixed)
+            with tf.GradientTape() as inner:
+                inner.watch(fixed)
+                loss = tf.reduce_sum(engine._per_example_loss(xn, yn, fixed))
+            gradient = tf.concat([tf.reshape(g, [-1]) for g in tf.nest.flatten(inner.gradient(loss, fixed, unconnected_gradients=_ZERO))], 0)
+        blocks = outer.jacobian(gradient, tf.nest.flatten(fixed), unconnected_gradients=_ZERO, experimental_use_pfor=True)
+        output_hessian = tf.concat([tf.reshape(b, (tf.shape(gradient)[0], -1)) for b in blocks], axis=1)  # (C, C)
+        return tf.matmul(output_jacobian, tf.matmul(output_hessian, output_jacobian), transpose_a=True)
+
+    single = {"hessian": bias_hessian, "ggn": bias_ggn}[curvature]
+
     def factors(x: Any, y: Any) -> tuple[tf.Tensor, tf.Tensor]:
         inputs = tf.cast(dense_kernel.layer_inputs(x, training=False), engine.dtype)
-        hessians = engine._per_example("per-example bias Hessians", bias_hessian, x, y)
-        return inputs, hessians
+        curvatures = engine._per_example(f"per-example bias curvatures ({curvature})", single, x, y)
+        return inputs, curvatures
 
     return _TracedOnce(engine._compile(factors))
 

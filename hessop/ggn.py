@@ -47,3 +47,4 @@ class GGNOperator(SymmetricDataPassOperator):
     """
 
     _product = "ggn"
+    _kernel_curvature = "ggn"

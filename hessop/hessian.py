@@ -2,23 +2,17 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
-import tensorflow as tf
 
 from hessop._base import SymmetricDataPassOperator
 from hessop._dense import DEFAULT_MAX_DENSE, dense_from_operator
-from hessop._engine import _TRACE_ERRORS
-from hessop._kronecker import factors_function, find_dense_kernel, kernel_block
 
 __all__ = ["HessianOperator"]
 
 DENSE_METHODS = ("auto", "hvp")
-# Seeds of the two random tangents that check a closed-form kernel block.
-_CHECK_SEED = 0
 
 
 class HessianOperator(SymmetricDataPassOperator):
@@ -112,6 +106,7 @@ class HessianOperator(SymmetricDataPassOperator):
     """
 
     _product = "hvp"
+    _kernel_curvature = "hessian"
 
     def __init__(
         self,
@@ -217,51 +212,3 @@ class HessianOperator(SymmetricDataPassOperator):
             msg = f"method: expected one of {DENSE_METHODS}, got {method!r}."
             raise ValueError(msg)
         return dense_from_operator(self, max_params=max_params, block_size=block_size, closed_form=method == "auto")
-
-    def _known_dense_block(self) -> tuple[int, int, np.ndarray] | None:
-        """``(start, stop, H[start:stop, start:stop])`` for a Dense layer's kernel (`hessop._kronecker`), or None."""
-        if self._replicas is not None:
-            return None  # the closed form would run on one device
-        if not hasattr(self, "_dense_kernel"):  # found once: the model's layers and the variables stay
-            self._dense_kernel = find_dense_kernel(self._engine)
-            self._kernel_factors = None if self._dense_kernel is None else factors_function(self._engine, self._dense_kernel)
-        dense_kernel = self._dense_kernel
-        if dense_kernel is None:
-            return None
-        try:
-            block = kernel_block(self._iter_batches("kernel block"), self._kernel_factors, dense_kernel, self.scale)
-        except _TRACE_ERRORS:
-            self._dense_kernel = None  # e.g. per-example Hessians pfor cannot build: the products still can
-            return None
-        if not np.all(np.isfinite(block)):
-            return None  # the products raise their own error
-        start, stop = self._part_columns((dense_kernel.kernel, dense_kernel.kernel + 1))
-        return start, stop, block.astype(self.dtype, copy=False)
-
-    def _check_dense(self, dense: np.ndarray, start: int, stop: int) -> bool:
-        """Whether H's products with two random tangents in the kernel match ``dense``'s columns start:stop."""
-        kernel = self._variable_at(start, stop)
-        part = next(p for p in self._engine.variable_parts() if p[0] <= kernel < p[1])
-        part_start, part_stop = self._part_columns(part)
-        tangents = np.random.default_rng(_CHECK_SEED).standard_normal((2, stop - start))
-        rows = np.zeros((2, part_stop - part_start), dtype=self._compute_dtype.as_numpy_dtype)
-        rows[:, start - part_start : stop - part_start] = tangents
-        products = self._restricted_rows(part, tf.constant(rows)).astype(np.float64)
-        expected = (rows[:, start - part_start : stop - part_start] @ dense[part_start:, start:stop].T).astype(np.float64)
-        difference, size = np.linalg.norm(products - expected), np.linalg.norm(expected)
-        tolerance = float(np.sqrt(np.finfo(self._compute_dtype.as_numpy_dtype).eps))
-        relative = difference / size if size > 0 else difference
-        if relative <= tolerance:
-            return True
-        name = self._dense_kernel.name
-        self._dense_kernel = None  # the model's structure decides it: later calls build from HVPs straight away
-        warnings.warn(
-            f"to_dense: Dense layer {name!r}: the closed form of its kernel's Hessian block differs from "
-            f"the Hessian's own products by {relative:.1e} (relative; tolerance {tolerance:.1e}), so the "
-            "model does not use the layer as a Dense layer alone would (a custom layer reusing its kernel "
-            "or bias, or a loss that couples examples); every column is built from HVPs instead. "
-            "method='hvp' skips the closed form.",
-            RuntimeWarning,
-            stacklevel=4,
-        )
-        return False

@@ -8,9 +8,10 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import Case, dense_hessian, rel_err
+from conftest import Case, dense_ggn, dense_hessian, rel_err
 
 import hessop
+from hessop._dense import dense_from_operator
 from hessop._kronecker import find_dense_kernel
 
 F64 = "float64"
@@ -135,7 +136,7 @@ def test_a_kernel_reused_elsewhere_fails_the_check_and_falls_back_to_products():
     case = Case("tied", keras.Model(inputs, outputs), sparse_ce(), rng.normal(size=(30, 5)), rng.integers(0, 2, size=30))
     H = operator(case)
     assert find_dense_kernel(H._engine).size == 40  # the encoder's
-    with pytest.warns(RuntimeWarning, match=r"Dense layer .*closed form of its kernel's Hessian block differs"):
+    with pytest.warns(RuntimeWarning, match=r"Dense layer .*closed form of its kernel's block differs from the HessianOperator's own products"):
         dense = H.to_dense()
     assert rel_err(dense, dense_hessian(case)) < 1e-10
     with warnings.catch_warnings():
@@ -201,3 +202,38 @@ def test_float32_block_agrees_with_products():
         dense = H.to_dense()
     assert H._dense_kernel.size == 256
     assert rel_err(dense, H.to_dense(method="hvp")) < 1e-5
+
+
+def test_ggn_closed_form_block_matches_autodiff_and_its_products(case):
+    GGN = hessop.GGNOperator(case.model, case.loss_fn, (case.x, case.y), params=case.params, batch_size=16)
+    built = columns_by_products(GGN)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        dense = GGN.to_dense(block_size=5)
+    assert rel_err(dense, dense_ggn(case)) < 1e-10
+    kernel_size = KERNEL_SIZES[case.name] or 0
+    assert sum(stop - first for first, stop in built) == GGN.shape[0] - kernel_size
+    products = dense_from_operator(GGN, max_params=10_000, block_size=5, closed_form=False)
+    assert rel_err(products, dense) < 1e-10
+
+
+def test_ggn_of_a_two_headed_model():
+    # The heads' outputs are one output in tf.nest.flatten order, and the loss's Hessian couples them.
+    rng = np.random.default_rng(13)
+    x, y = rng.normal(size=(30, 4)), rng.normal(size=(30, 3))
+    keras.utils.set_random_seed(13)
+    inputs = keras.Input((4,), dtype=F64)
+    hidden = keras.layers.Dense(5, activation="tanh", dtype=F64)(inputs)
+    model = keras.Model(inputs, {"a": keras.layers.Dense(1, dtype=F64)(hidden), "b": keras.layers.Dense(2, dtype=F64)(hidden)})
+
+    def loss(targets, outputs):
+        both = tf.concat([outputs["a"], outputs["b"]], axis=1)
+        return tf.reduce_sum((both - targets) ** 2, axis=1) + tf.reduce_prod(both, axis=1) ** 2
+
+    GGN = hessop.GGNOperator(model, loss, (x, y), batch_size=10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        dense = GGN.to_dense()
+    assert GGN._dense_kernel.size == 20
+    products = dense_from_operator(GGN, max_params=10_000, block_size=7, closed_form=False)
+    assert rel_err(dense, products) < 1e-10
