@@ -48,7 +48,7 @@ import subprocess
 import sys
 import time
 
-from _common import machine_info, table, tensorflow_pfor_rules, time_calls
+from _common import interleaved, machine_info, table, tensorflow_pfor_rules, time_calls
 
 # --model: hidden layer widths (tanh) between 64 inputs and 10 classes.
 MODELS = {"mlp": (64,), "deep": (40, 40, 40, 40)}
@@ -267,23 +267,16 @@ def opg_ggn_in_one_process(num_data: int, rounds: int = 5) -> dict:
     for name, (label, closed, products) in pairs.items():
         calls[f"{name} {label}"] = closed
         calls[f"{name} from products (before session 19)"] = products
-    first, dense = {}, {}
-    for name, call in calls.items():
-        start = time.perf_counter()
-        dense[name] = call()
-        first[name] = time.perf_counter() - start
-    seconds: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(rounds):
-        for name, call in calls.items():
-            start = time.perf_counter()
-            call()
-            seconds[name].append(time.perf_counter() - start)
-    values = list(dense.values())
-    difference = {
-        name: float(np.max(np.abs(values[2 * i] - values[2 * i + 1])) / np.max(np.abs(values[2 * i + 1])))
-        for i, name in enumerate(pairs)
+    timings = interleaved(calls, repeats=rounds, warmup=1)
+    difference = {}
+    for name, (_, closed, products) in pairs.items():
+        reference = products()
+        difference[name] = float(np.max(np.abs(closed() - reference)) / np.max(np.abs(reference)))
+    return {
+        "first": {k: t["first"] for k, t in timings.items()},
+        "median": {k: t["median"] for k, t in timings.items()},
+        "difference": difference,
     }
-    return {"first": first, "median": {k: float(np.median(v)) for k, v in seconds.items()}, "difference": difference}
 
 
 def hvp_flops_and_matmul_rates(num_data: int) -> dict:
