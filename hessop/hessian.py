@@ -154,9 +154,9 @@ class HessianOperator(SymmetricDataPassOperator):
         above are the transposed rows of earlier columns.
 
         With ``method="auto"`` (default), the block of the largest kernel of
-        a ``keras.layers.Dense`` layer (of a Sequential or functional model,
-        with a bias, called once on inputs of rank 2) comes in closed form
-        instead: z_n = x_n W + b is linear in W, so that block is
+        a ``keras.layers.Dense`` layer (exactly that class, with a bias and
+        no regularizer, in a Sequential or functional model, called once on
+        inputs of rank 2) comes in closed form instead: z_n = x_n W + b is linear in W, so that block is
         Σ_n (x_n x_nᵀ) ⊗ ∂²ℓ_n/∂z_n², and ∂²ℓ_n/∂z_n² is the Hessian of
         ℓ_n with respect to the bias. That replaces W's columns (each a pass
         through the whole model) by one matrix product: for an MLP 64-64-10
