@@ -165,33 +165,34 @@ def factors_function(engine: Any, dense_kernel: DenseKernel, curvature: str) -> 
 
 
 @tf.function(reduce_retracing=True)
-def _kronecker_sum(inputs: tf.Tensor, hessians: tf.Tensor) -> tf.Tensor:
+def _kronecker_sum(inputs: tf.Tensor, curvatures: tf.Tensor) -> tf.Tensor:
     """Σ_n vec(x_n x_nᵀ) vec(M_n)ᵀ: shape (d_in², d_out²)."""
     outer = tf.reshape(inputs[:, :, None] * inputs[:, None, :], [tf.shape(inputs)[0], -1])
-    return tf.matmul(outer, tf.reshape(hessians, [tf.shape(hessians)[0], -1]), transpose_a=True)
+    return tf.matmul(outer, tf.reshape(curvatures, [tf.shape(curvatures)[0], -1]), transpose_a=True)
 
 
 def kernel_block(batches: Any, factors: _TracedOnce, dense_kernel: DenseKernel, scale: float) -> np.ndarray:
-    """H_WW (d_in·d_out square, the compute dtype) summed over ``batches`` of (x, y), times ``scale``.
+    """The kernel's block (d_in·d_out square, the compute dtype) summed over ``batches`` of (x, y), times ``scale``.
 
     ``factors``: the `factors_function` of the engine and kernel. Raises one
     of the engine's trace errors (ValueError, TypeError, ...) where the
-    per-example bias Hessians cannot be traced; the caller then builds the
-    block from HVPs.
+    per-example bias curvatures cannot be traced; the caller then builds the
+    block from products.
     """
     d_in, d_out = dense_kernel.d_in, dense_kernel.d_out
     total = None
     # The factors of consecutive pieces are gathered until a GEMM's worth:
     # a rank-128 update per piece took 10 % longer in all (MLP 64-64-10, N = 512).
     pending: list[tuple[tf.Tensor, tf.Tensor]] = []
-    for inputs, hessians in _factor_pieces(batches, factors, max(1, _TANGENTS_AT_ONCE // d_out)):
-        pending.append((inputs, hessians))
+    chunk = 0
+    for inputs, curvatures in _factor_pieces(batches, factors, max(1, _TANGENTS_AT_ONCE // d_out)):
+        pending.append((inputs, curvatures))
         chunk = max(1, _CHUNK_BYTES // ((d_in * d_in + d_out * d_out) * inputs.dtype.size))
         if sum(int(i.shape[0]) for i, _ in pending) >= chunk:
-            total = _accumulate(total, pending)
+            total = _accumulate(total, pending, chunk)
             pending = []
     if pending:
-        total = _accumulate(total, pending)
+        total = _accumulate(total, pending, chunk)
     # [(i, j), (a, b)] -> [(i, a), (j, b)]: W's row-major flat order on both axes.
     block = tf.transpose(tf.reshape(total, (d_in, d_in, d_out, d_out)), (0, 2, 1, 3))
     return tf.reshape(block, (dense_kernel.size, dense_kernel.size)).numpy() * scale
@@ -204,6 +205,11 @@ def _factor_pieces(batches: Any, factors: _TracedOnce, examples: int) -> Any:
             yield factors(*slice_examples(x, y, first, first + examples))
 
 
-def _accumulate(total: tf.Tensor | None, pending: list[tuple[tf.Tensor, tf.Tensor]]) -> tf.Tensor:
-    term = _kronecker_sum(tf.concat([i for i, _ in pending], 0), tf.concat([h for _, h in pending], 0))
-    return term if total is None else total + term
+def _accumulate(total: tf.Tensor | None, pending: list[tuple[tf.Tensor, tf.Tensor]], chunk: int) -> tf.Tensor:
+    """``total`` plus the Kronecker sums of the ``pending`` factors, ``chunk`` examples per GEMM."""
+    inputs = tf.concat([i for i, _ in pending], 0)
+    curvatures = tf.concat([c for _, c in pending], 0)
+    for first in range(0, int(inputs.shape[0]), chunk):
+        term = _kronecker_sum(inputs[first : first + chunk], curvatures[first : first + chunk])
+        total = term if total is None else total + term
+    return total

@@ -12,6 +12,7 @@ from conftest import Case, dense_ggn, dense_hessian, rel_err
 
 import hessop
 from hessop._dense import dense_from_operator
+from hessop import _kronecker
 from hessop._kronecker import find_dense_kernel
 
 F64 = "float64"
@@ -51,6 +52,19 @@ def test_closed_form_block_matches_autodiff_and_replaces_its_columns(case):
     assert (H._dense_kernel is None) == (kernel_size is None)
     if kernel_size is not None:
         assert H._dense_kernel.size == kernel_size
+
+
+def test_block_summed_in_pieces_and_chunks(mlp, monkeypatch):
+    # Pieces of 5 examples for the per-example curvatures (d_out = 4) and
+    # GEMMs of 3 examples: both bounds cut batches of 24 (and the last of 16).
+    monkeypatch.setattr(_kronecker, "_TANGENTS_AT_ONCE", 20)
+    monkeypatch.setattr(_kronecker, "_CHUNK_BYTES", 3 * (5 * 5 + 4 * 4) * 8)
+    sums = []
+    kronecker_sum = _kronecker._kronecker_sum
+    monkeypatch.setattr(_kronecker, "_kronecker_sum", lambda x, m: sums.append(int(x.shape[0])) or kronecker_sum(x, m))
+    H = operator(mlp, batch_size=24)
+    assert rel_err(H.to_dense(), dense_hessian(mlp)) < 1e-10
+    assert max(sums) == 3 and sum(sums) == mlp.num_data
 
 
 @pytest.mark.parametrize("method", ["auto", "hvp"])
