@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
 import zipfile
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 from scipy.sparse.linalg import LinearOperator
@@ -21,6 +23,8 @@ FORMAT_VERSION = 1
 
 class _SpectralOperator(LinearOperator):
     """A = Q diag(λ) Qᵀ + τ (I − QQᵀ): shared machinery; τ = 0 for low rank."""
+
+    _symmetric = True  # `check_symmetric` trusts it without a product
 
     _kind = ""
 
@@ -167,13 +171,48 @@ class _SpectralOperator(LinearOperator):
         return p
 
     # -- persistence --------------------------------------------------------------
-    def save(self, path: str | os.PathLike) -> None:
+    def save(self, path: str | os.PathLike | BinaryIO) -> None:
         """Write Q, eigenvalues, tail, dtype and a format version to one ``.npz`` file.
 
         Read it back with `hessop.load` (bit-exact round trip, no pickle).
+
+        Parameters
+        ----------
+        path : str, os.PathLike or binary file object
+            A file name ending in ``.npz``, written atomically: the archive
+            goes to a temporary file in the same folder, which then replaces
+            ``path``, so an interrupted save leaves any earlier file intact.
+            Or a file object opened for binary writing.
+
+        Raises
+        ------
+        ValueError
+            If ``path`` is a name that does not end in ``.npz`` (numpy would
+            silently add the suffix, and ``load(path)`` would not find the file).
         """
-        np.savez(
-            path,
+        entries = self._entries()
+        if hasattr(path, "write"):
+            np.savez(path, **entries)
+            return
+        target = os.fspath(path)
+        if not isinstance(target, str) or not target.endswith(".npz"):
+            msg = f"path: expected a file name ending in '.npz', got {target!r}."
+            raise ValueError(msg)
+        folder = os.path.dirname(os.path.abspath(target))
+        handle, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(target)}.", suffix=".tmp", dir=folder)
+        try:
+            with os.fdopen(handle, "wb") as file:
+                np.savez(file, **entries)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(temporary, target)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.remove(temporary)
+            raise
+
+    def _entries(self) -> dict[str, np.ndarray]:
+        return dict(
             format=np.array(FORMAT_NAME),
             version=np.array(FORMAT_VERSION),
             kind=np.array(self._kind),
@@ -318,8 +357,11 @@ _ZIP_MAGIC = b"PK\x03\x04"  # the first bytes of a non-empty zip archive (what n
 _NPY_MAGIC = b"\x93NUMPY"
 
 
-def load(path: str | os.PathLike, *, engine: str = "numba") -> LowRankOperator | FullRankOperator:
+def load(path: str | os.PathLike | BinaryIO, *, engine: str = "numba") -> LowRankOperator | FullRankOperator:
     """Read an operator written by ``save``; ``allow_pickle=False``.
+
+    ``path``: a file name, or a file object opened for binary reading, as
+    ``save`` takes them.
 
     Raises
     ------
@@ -338,12 +380,19 @@ def load(path: str | os.PathLike, *, engine: str = "numba") -> LowRankOperator |
     >>> type(B).__name__, B.tail, bool(np.array_equal(A.Q, B.Q))
     ('FullRankOperator', 0.5, True)
     """
-    where = f"{os.fspath(path)!r} is not a saved hessop operator"
+    is_file = hasattr(path, "read")
+    name = getattr(path, "name", type(path).__name__) if is_file else os.fspath(path)
+    where = f"{name!r} is not a saved hessop operator"
     # A missing or unreadable file raises as open() does. Anything but a zip
     # archive is refused before numpy reads it: for other bytes np.load's
     # error suggests allow_pickle=True, which is not advice to pass on.
-    with open(path, "rb") as file:
-        magic = file.read(len(_NPY_MAGIC))
+    if is_file:
+        start = path.tell()
+        magic = path.read(len(_NPY_MAGIC))
+        path.seek(start)
+    else:
+        with open(path, "rb") as file:
+            magic = file.read(len(_NPY_MAGIC))
     if not magic.startswith(_ZIP_MAGIC):
         got = "a single .npy array" if magic == _NPY_MAGIC else "a file that is not a zip archive"
         msg = f"{where}: expected an .npz archive, got {got}."

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
 import scipy.sparse.linalg as sla
@@ -235,3 +237,31 @@ def test_k_equal_p_reproduces_h(mlp, constructor):
     A = getattr(hessop, constructor)(H, H.shape[0])
     assert A.Q.shape == (H.shape[0], H.shape[0])
     assert rel_err(A.to_dense(), dense_hessian(mlp)) < 1e-10
+
+
+def test_save_is_atomic_exact_and_takes_file_objects(tmp_path, monkeypatch):
+    Q, values = spectral_pair(np.float64)
+    A = hessop.FullRankOperator(Q, values, tail=0.25)
+    path = tmp_path / "approx.npz"
+    A.save(path)
+    good = path.read_bytes()
+    # An interrupted save leaves the previous file as it was, and no temporary file behind.
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(np, "savez", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        hessop.LowRankOperator(Q, values).save(path)
+    monkeypatch.undo()
+    assert path.read_bytes() == good and sorted(p.name for p in tmp_path.iterdir()) == ["approx.npz"]
+    # Exactly the path given: no silent ".npz" appended.
+    with pytest.raises(ValueError, match=r"path: expected a file name ending in '\.npz', got '.*approx\.bin'"):
+        A.save(tmp_path / "approx.bin")
+    assert not (tmp_path / "approx.bin.npz").exists()
+    # load takes what save takes: paths and binary file objects.
+    buffer = io.BytesIO()
+    A.save(buffer)
+    buffer.seek(0)
+    assert np.array_equal(hessop.load(buffer).Q, A.Q)
+    with open(path, "rb") as file:
+        assert hessop.load(file).tail == 0.25
