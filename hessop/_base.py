@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import time
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -22,9 +21,10 @@ from tqdm.auto import tqdm
 from hessop._data import Batches, examples_in, slice_examples
 from hessop._distribute import Replicas, resolve_strategy
 from hessop._dense import DEFAULT_MAX_DENSE, dense_from_operator
-from hessop._engine import _TRACE_ERRORS, Engine, first_call_on_batch
+from hessop._engine import _TRACE_ERRORS, Engine, check_parameter_paths, first_call_on_batch
+from hessop._losses import resolve_loss
 from hessop._kronecker import factors_function, find_dense_kernel, kernel_block
-from hessop._validation import check_finite_array, non_finite_rows
+from hessop._validation import check_finite_array, non_finite_rows, warn
 
 __all__ = ["DataPassOperator", "SymmetricDataPassOperator", "as_numpy_dtype"]
 
@@ -47,6 +47,12 @@ def as_numpy_dtype(dtype: Any, default: Any) -> np.dtype:
     if resolved.kind != "f":
         msg = f"dtype: expected a floating dtype such as 'float32' or 'float64', got {resolved.name}."
         raise TypeError(msg)
+    if resolved.itemsize < 4:
+        msg = (
+            f"dtype: {resolved.name} is too narrow for curvature (its largest value is "
+            f"{float(np.finfo(resolved).max):.0f}, and products of a data pass overflow to inf); use 'float32' or 'float64'."
+        )
+        raise ValueError(msg)
     return resolved
 
 
@@ -83,8 +89,8 @@ def _blas_controller() -> ThreadpoolController:
     return ThreadpoolController()
 
 
-def _non_finite_loss_message(value: float, index: int, x: Any, y: Any) -> str:
-    """Why batch ``index`` has a non-finite loss: its own inputs or targets if they are, else the model or loss."""
+def _check_finite_batch(index: int, x: Any, y: Any) -> None:
+    """Refuse batch ``index`` if its inputs or targets hold NaN or inf, naming the rows (a finite loss may hide inf)."""
     for name, part in (("x", x), ("y", y)):
         for leaf in tf.nest.flatten(part):
             if leaf is None or not tf.as_dtype(leaf.dtype).is_floating:
@@ -92,11 +98,11 @@ def _non_finite_loss_message(value: float, index: int, x: Any, y: Any) -> str:
             rows = non_finite_rows(leaf)
             if rows.size:
                 shown = ", ".join(map(str, rows[:5])) + (", ..." if rows.size > 5 else "")
-                return (
+                msg = (
                     f"data (batch {index}): {name} has non-finite values (NaN or inf) in {rows.size} of its "
-                    f"{leaf.shape[0]} examples (rows {shown} of the batch), so the loss is {value}."
+                    f"{leaf.shape[0]} examples (rows {shown} of the batch)."
                 )
-    return f"loss_fn: the loss is not finite ({value}) on batch {index}; check the data and the model."
+                raise ValueError(msg)
 
 
 class DataPassOperator(LinearOperator):
@@ -106,6 +112,10 @@ class DataPassOperator(LinearOperator):
     on a vector (n,) or a block of vectors as rows (k, n), usually with one of
     the pass helpers ``_summed``, ``_stacked`` or ``_sliced_sum``.
     """
+
+    # Whether products differentiate the model twice, so that a stop_gradient
+    # on the loss's path changes them (the Hessian; not J, the OPG or the GGN).
+    _differentiates_model_twice = False
 
     def __init__(
         self,
@@ -285,8 +295,11 @@ class DataPassOperator(LinearOperator):
     def _validate_loss(self, check_deterministic: bool) -> float | None:
         """One forward pass (two when checking determinism): catches bad losses early."""
         if self._engine.loss_fn is None:
+            for i, (x, y) in enumerate(self._batches):  # the first pass of the loss checks them otherwise
+                _check_finite_batch(i, x, y)
             return None
         first = self._batch_losses()
+        self._check_loss_graph()
         if check_deterministic:
             second = self._batch_losses()
             tol = float(np.sqrt(np.finfo(self._compute_dtype.as_numpy_dtype).eps))
@@ -307,13 +320,51 @@ class DataPassOperator(LinearOperator):
                 raise ValueError(msg)
         return float(np.sum(first) * self.scale)
 
+    def _check_loss_graph(self) -> None:
+        """Refuse half-precision compute in the traced loss; warn of StopGradient ops on the parameters' paths.
+
+        TensorFlow's own StopGradient in `tf.nn.moments` is gone from hessop's
+        graphs (`hessop._moments`); those left are the user's or another
+        library's, and second derivatives (the Hessian's) hold their values fixed.
+        """
+        x, y = self._probe_batch()
+        graph = self._engine.loss_values.get_concrete_function(x, y).graph
+        names = check_parameter_paths(graph, self._engine.variables)
+        if names and self._differentiates_model_twice:
+            shown = ", ".join(repr(name) for name in names[:5]) + (", ..." if len(names) > 5 else "")
+            warn(
+                f"loss_fn: the loss holds {len(names)} stop_gradient op(s) on a path from the parameters ({shown}); "
+                f"{type(self).__name__} is the curvature of the function with those values held fixed, "
+                "which differs from the loss's true second derivatives wherever they depend on the parameters."
+            )
+
     def _batch_losses(self) -> np.ndarray:
+        """The loss summed over each batch; the loss's length checked against the batch's, eagerly.
+
+        Inside the compiled function a batch axis traced as unknown hides a
+        wrong count (B - 1 values, or a (1,) mean), which would weight the
+        examples wrongly: the first pass compares the counts here.
+        """
         sums = []
-        loss_sum = self._engine.strict_loss_sum if self._needs_per_example_loss else self._engine.loss_sum
         for i, (x, y) in enumerate(self._batches):
-            value = float(first_call_on_batch(lambda: loss_sum(x, y), i, x, y))
+            _check_finite_batch(i, x, y)
+            values = first_call_on_batch(lambda: self._engine.loss_values(x, y), i, x, y).numpy()
+            size = examples_in(x)
+            if values.ndim == 0:
+                if self._needs_per_example_loss:  # raises the engine's message for a scalar loss
+                    first_call_on_batch(lambda: self._engine.strict_loss_sum(x, y), i, x, y)
+                value = float(values) * size
+            elif values.shape[0] != size:
+                msg = (
+                    f"loss_fn: returned {values.shape[0]} values for batch {i} of {size} examples; expected one "
+                    f"per example (shape [{size}]) or a scalar batch mean."
+                )
+                raise ValueError(msg)
+            else:
+                value = float(np.sum(values))
             if not np.isfinite(value):
-                raise ValueError(_non_finite_loss_message(value, i, x, y))
+                msg = f"loss_fn: the loss is not finite ({value}) on batch {i}; check the data and the model."
+                raise ValueError(msg)
             sums.append(value)
         return np.asarray(sums)
 
@@ -488,6 +539,8 @@ class SymmetricDataPassOperator(DataPassOperator):
     ``_per_example_loss`` when the product needs per-example losses.
     """
 
+    _symmetric = True  # `check_symmetric` trusts it without a product
+
     _product = ""
     _per_example_loss = False
 
@@ -527,9 +580,7 @@ class SymmetricDataPassOperator(DataPassOperator):
     _kernel_curvature: str | None = None
 
     def _setup(self, model: Any, loss_fn: Any, data: Any, **options: Any) -> None:
-        if loss_fn is None:
-            msg = f"loss_fn: {type(self).__name__} needs a loss function, got None."
-            raise ValueError(msg)
+        loss_fn = resolve_loss(loss_fn, model, type(self).__name__)
         DataPassOperator.__init__(self, model, loss_fn, data, per_example_loss=self._per_example_loss, **options)
 
     def _apply(self, rows: tf.Tensor) -> tf.Tensor:
@@ -620,13 +671,12 @@ class SymmetricDataPassOperator(DataPassOperator):
             return True
         name = self._dense_kernel.name
         self._dense_kernel = None  # the model's structure decides it: later calls use products straight away
-        warnings.warn(
+        warn(
             f"to_dense: Dense layer {name!r}: the closed form of its kernel's block differs from the "
             f"{type(self).__name__}'s own products by {relative:.1e} (relative; tolerance {tolerance:.1e}), so the "
             "model does not use the layer as a Dense layer alone would (a custom layer reusing its kernel "
             "or bias, or a loss that couples examples); every column is built from products instead.",
             RuntimeWarning,
-            stacklevel=4,
         )
         return False
 

@@ -8,6 +8,8 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+from hessop._losses import WeightedTargets
+
 __all__ = ["Batches"]
 
 
@@ -56,12 +58,18 @@ def _to_tensors(structure: Any) -> Any:
     return tf.nest.map_structure(tf.convert_to_tensor, structure)
 
 
-# Keras data often carry (x, y, sample_weight); hessop's loss_fn sees only (y, pred).
-_SAMPLE_WEIGHT_HINT = (
-    " hessop takes no sample weights of its own; to weight examples, carry the weights in y and "
-    "apply them in loss_fn, e.g. data (x, (y, w)) and "
-    "loss_fn=lambda yw, pred: yw[1] * per_example_loss(yw[0], pred)."
-)
+def _weighted(y: Any, sample_weight: Any, where: str) -> WeightedTargets:
+    """Targets with Keras-style sample weights, one per example."""
+    if y is None:
+        msg = f"{where}: sample weights weight the loss, which needs targets; got y=None."
+        raise ValueError(msg)
+    leaves = _leaves(sample_weight)
+    shape = tuple(np.shape(leaves[0])) if len(leaves) == 1 else ()
+    if len(shape) not in (1, 2) or shape[1:] not in ((), (1,)):
+        shapes = [tuple(np.shape(leaf)) for leaf in leaves]
+        msg = f"{where}: sample_weight must be one array of shape (N,) or (N, 1), one weight per example; got {shapes}."
+        raise ValueError(msg)
+    return WeightedTargets(y, leaves[0])
 
 
 def _split_pair(element: Any, where: str) -> tuple[Any, Any]:
@@ -74,10 +82,13 @@ def _split_pair(element: Any, where: str) -> tuple[Any, Any]:
     if not isinstance(element, (tuple, list)):
         msg = f"{where}: each batch must be a pair (x, y), got {type(element).__name__}."
         raise TypeError(msg)
+    if len(element) == 3:  # Keras's (x, y, sample_weight)
+        return element[0], _weighted(element[1], element[2], where)
     if len(element) != 2:
-        msg = f"{where}: each batch must be a pair (x, y), got a {type(element).__name__} of {len(element)}."
-        if len(element) == 3:
-            msg += _SAMPLE_WEIGHT_HINT
+        msg = (
+            f"{where}: each batch must be a pair (x, y) or a triple (x, y, sample_weight), "
+            f"got a {type(element).__name__} of {len(element)}."
+        )
         raise TypeError(msg)
     return element[0], element[1]
 
@@ -114,6 +125,9 @@ class Batches:
         # another re-iterable, so ((x1, y1), (x2, y2)) must be a list to mean batches.
         if isinstance(data, tuple) and len(data) == 2:
             self._init_arrays(data[0], data[1], batch_size)
+        elif isinstance(data, tuple) and len(data) == 3 and (isinstance(data[2], np.ndarray) or tf.is_tensor(data[2])):
+            # (x, y, sample_weight) arrays, as keras.Model.fit takes them
+            self._init_arrays(data[0], _weighted(data[1], data[2], "data"), batch_size)
         elif isinstance(data, tf.data.Dataset):
             if batch_size is not None:
                 msg = "batch_size: a tf.data.Dataset is already batched; batch it with Dataset.batch instead."
@@ -122,12 +136,13 @@ class Batches:
             self._source = data
             self._count()
         elif isinstance(data, tuple) and data and all(isinstance(item, np.ndarray) or tf.is_tensor(item) for item in data):
-            # Not batches: a tuple of arrays other than (x, y), e.g. (x, y, sample_weight).
-            msg = f"data: expected (x, y) arrays, got a tuple of {len(data)} array{'s' * (len(data) != 1)}."
+            # Not batches: a tuple of arrays other than (x, y) or (x, y, sample_weight).
+            msg = (
+                f"data: expected (x, y) or (x, y, sample_weight) arrays, got a tuple of "
+                f"{len(data)} array{'s' * (len(data) != 1)}."
+            )
             if len(data) == 1:
                 msg += " Where no targets are needed (model outputs), pass (x, None)."
-            elif len(data) == 3:
-                msg += _SAMPLE_WEIGHT_HINT
             raise TypeError(msg)
         elif isinstance(data, Iterable) and not isinstance(data, (str, bytes, Mapping, np.ndarray)):
             if iter(data) is data:
@@ -212,6 +227,15 @@ def _check_dataset(dataset: tf.data.Dataset) -> None:
         msg = (
             "data: the tf.data.Dataset is infinite (Dataset.repeat() without a count?), but every "
             "product is one full pass over the data; pass the finite dataset."
+        )
+        raise ValueError(msg)
+    if dataset.cardinality() == tf.data.UNKNOWN_CARDINALITY:
+        # A generator or filter TensorFlow cannot count may never end, and the
+        # first pass would hang: the user states the count instead.
+        msg = (
+            "data: the tf.data.Dataset's number of batches is unknown (Dataset.from_generator, filter, ...), "
+            "and every product reads it to the end, so a dataset that never ends would hang. State the "
+            "count: dataset.apply(tf.data.experimental.assert_cardinality(num_batches))."
         )
         raise ValueError(msg)
     if any(spec.shape.rank == 0 for spec in _leaves(dataset.element_spec) if hasattr(spec, "shape")):

@@ -44,15 +44,17 @@ import functools
 import re
 import statistics
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import tensorflow as tf
 
+from hessop._losses import WeightedTargets, as_per_example
+from hessop._moments import exact_moments
 from hessop._params import resolve_params
 from hessop._pfor import pfor_rules, quiet_conversion_errors
+from hessop._validation import warn
 
 try:
     import keras
@@ -119,7 +121,8 @@ def compiled(fn: Callable[..., Any], *, jit_compile: bool = False) -> Any:
     # reduce_retracing: a short last batch relaxes the batch dimension once
     # instead of tracing a new graph per batch shape. (XLA still compiles
     # once per concrete input shape.)
-    function = tf.function(fn, reduce_retracing=True, jit_compile=jit_compile)
+    # exact_moments: second derivatives through tf.nn.moments (normalisation layers) are exact.
+    function = tf.function(exact_moments(fn), reduce_retracing=True, jit_compile=jit_compile)
     if hasattr(function, "_key_for_call_stats"):
         function._key_for_call_stats = function
     return function
@@ -129,8 +132,8 @@ def compiled(fn: Callable[..., Any], *, jit_compile: bool = False) -> Any:
 # is reported at a line of autograph's generated code and shows that code.
 @tf.autograph.experimental.do_not_convert
 def _warn_while_tracing(message: str) -> None:
-    """A UserWarning from traced code, attributed to this line (the traced caller's frames are autograph's)."""
-    warnings.warn(message, stacklevel=1)
+    """A UserWarning from traced code, attributed to the user's line that set off the trace."""
+    warn(message)
 
 
 def output_matrix(outputs: Any, batch_size: Any) -> tf.Tensor:
@@ -221,13 +224,27 @@ def first_call_on_batch(call: Callable[[], Any], index: int, x: Any, y: Any = No
     """
     try:
         return call()
-    except (TypeError, ValueError, tf.errors.InvalidArgumentError) as error:
+    except (TypeError, ValueError, NotImplementedError, tf.errors.InvalidArgumentError, tf.errors.UnimplementedError) as error:
         if getattr(error, "ag_pass_through", False):
             raise
-        error_type = TypeError if isinstance(error, TypeError) else ValueError
+        error_type = TypeError if isinstance(error, (TypeError, tf.errors.UnimplementedError)) else ValueError
+        if isinstance(error, NotImplementedError) and "numpy" in str(error):
+            msg = (
+                f"loss_fn or the model calls numpy on a tensor (batch {index}): hessop traces them with "
+                "tf.function, where tensors are symbolic and have no numpy values. Write them with TensorFlow "
+                f"or keras.ops operations instead of numpy. ({_error_message(error)})"
+            )
+            raise TypeError(msg) from error
+        strings = any(leaf is not None and leaf.dtype == tf.string for leaf in tf.nest.flatten((x, y)))
+        hint = (
+            " (The batch holds strings, which hessop passes to the model as they are: the model must map them to "
+            "numbers itself, with a StringLookup or TextVectorization layer, or be given the numbers.)"
+            if strings
+            else ""
+        )
         msg = (
             f"data (batch {index}): the model or loss_fn failed on this batch "
-            f"(x {_shapes(x)}, y {_shapes(y)}): {type(error).__name__}: {_error_message(error)}"
+            f"(x {_shapes(x)}, y {_shapes(y)}): {type(error).__name__}: {_error_message(error)}{hint}"
         )
         raise error_type(msg) from error
 
@@ -317,6 +334,65 @@ def _refuse_mixed_precision(model: Any) -> None:
         raise ValueError(msg)
 
 
+_HALF_PRECISION = (tf.float16, tf.bfloat16)
+
+
+def _handles(variable: Any) -> list[Any]:
+    """The resource handles a graph captures for ``variable`` (each replica's, for a distributed one)."""
+    if keras is not None and isinstance(variable, keras.Variable):
+        variable = variable.value
+    try:
+        return [variable.handle]
+    except ValueError:  # a distributed variable outside a replica context
+        return [component.handle for component in getattr(variable, "values", ())]
+    except AttributeError:
+        return []
+
+
+def parameter_paths(graph: Any, variables: Sequence[Any]) -> tuple[list[str], list[str]]:
+    """The StopGradient ops, and the ops computing in half precision, on a path from ``variables`` in ``graph``.
+
+    A path ends at a StopGradient. Only ``graph``'s own ops are searched,
+    not the bodies of the functions or loops it calls.
+    """
+    handles = {id(handle) for v in variables for handle in _handles(v)}
+    frontier = [internal.op for external, internal in graph.captures if id(external) in handles]
+    seen = {id(op) for op in frontier}
+    stopped, half = [], []
+    while frontier:
+        op = frontier.pop()
+        if op.type == "StopGradient":
+            stopped.append(op.name)
+            continue  # what it feeds is cut off from the variables
+        if any(output.dtype in _HALF_PRECISION for output in op.outputs):
+            half.append(op.name)
+        for output in op.outputs:
+            for consumer in output.consumers():
+                if id(consumer) not in seen:
+                    seen.add(id(consumer))
+                    frontier.append(consumer)
+    return sorted(stopped), sorted(half)
+
+
+def check_parameter_paths(graph: Any, variables: Sequence[Any]) -> list[str]:
+    """The StopGradient ops on the parameters' paths in ``graph``; raises where any op there computes in half precision.
+
+    Half precision can hide below the model's own dtype policy (a nested
+    layer's mixed-precision policy, a cast), where `_refuse_mixed_precision`
+    does not look.
+    """
+    stopped, half = parameter_paths(graph, variables)
+    if half:
+        shown = ", ".join(repr(name) for name in half[:3]) + (", ..." if len(half) > 3 else "")
+        msg = (
+            f"model: {len(half)} op(s) on the path from the parameters compute in half precision ({shown}): "
+            "curvature products in float16/bfloat16 lose most of their digits. Use a float32 or float64 dtype "
+            "policy for every layer (mixed precision set on a nested layer counts too)."
+        )
+        raise ValueError(msg)
+    return stopped
+
+
 def _dense(gradients: Sequence[Any]) -> list[tf.Tensor]:
     """Embedding gradients arrive as IndexedSlices; products need dense tensors."""
     return [tf.convert_to_tensor(g) for g in gradients]
@@ -364,9 +440,8 @@ class Engine:
             msg = f"jit_compile: expected True or False, got {jit_compile!r}."
             raise TypeError(msg)
         self.jit_compile = jit_compile
-        if loss_fn is not None and not callable(loss_fn):
-            msg = f"loss_fn: expected a callable loss_fn(y_true, y_pred), got {type(loss_fn).__name__}."
-            raise TypeError(msg)
+        if loss_fn is not None:
+            loss_fn = as_per_example(loss_fn)
         _refuse_mixed_precision(model)
         self.model = model
         self.loss_fn = loss_fn
@@ -386,6 +461,7 @@ class Engine:
         self._warned_dtype = False
         self._warned_unconnected = False
         self.loss_sum = self._compile(self._loss_sum)
+        self.loss_values = self._compile(self._loss_values)
         self.strict_loss_sum = self._compile(lambda x, y: tf.reduce_sum(self._per_example_loss(x, y, strict=True)))
         # The two loss sums keep the shapes of each batch: they run first, on
         # construction, and check the loss's length against the batch's.
@@ -522,7 +598,7 @@ class Engine:
                 # Some ops have no forward-mode rule; reverse-over-reverse always works.
                 self._forward_mode_unavailable = True
                 reason = self._forward_mode_reason or _error_summary(err)
-                warnings.warn(f"forward-over-reverse HVP unavailable ({reason}); using reverse-over-reverse.", stacklevel=3)
+                warn(f"forward-over-reverse HVP unavailable ({reason}); using reverse-over-reverse.")
                 continue
             fn(x, y, probe).numpy()  # the first runs of a new graph are slower
             candidates[mode] = fn
@@ -599,16 +675,18 @@ class Engine:
     def _flat_outputs(self, x: Any) -> tf.Tensor:
         return tf.reshape(self._outputs(x), [-1])
 
-    def _per_example_loss(self, x: Any, y: Any, predictions: Any = None, *, strict: bool = False) -> tf.Tensor:
-        """Per-example losses, shape [B].
+    def _loss_values(self, x: Any, y: Any, predictions: Any = None) -> tf.Tensor:
+        """The loss's values as ``loss_fn`` returns them, as [B] (or a scalar batch mean), weighted.
 
-        A scalar loss is read as the batch mean (as Keras loss objects return)
-        and spread evenly, which is exact for sums and Hessians of the sum but
-        not for per-example gradients: ``strict=True`` refuses it there.
+        Targets given with sample weights (`WeightedTargets`) pass only the
+        targets to ``loss_fn`` and multiply its per-example values by the weights.
         """
         if self.loss_fn is None:
             msg = "loss_fn: this operation needs a loss function, got None."
             raise _traced_error(ValueError, msg)
+        weights = None
+        if isinstance(y, WeightedTargets):
+            y, weights = y
         if predictions is None:
             predictions = self._call_model(x)
         loss = tf.convert_to_tensor(self.loss_fn(y, predictions))
@@ -618,30 +696,51 @@ class Engine:
         if loss.dtype != self.dtype and not self._warned_dtype:
             self._warned_dtype = True
             _warn_loss_dtype(loss.dtype, self.dtype)
-        batch = _batch_size_of(x)
         rank = loss.shape.rank
-        if rank == 0:
-            if strict:
-                msg = (
-                    "loss_fn: per-example gradients need per-example losses (shape [B]), but "
-                    "the loss is a scalar batch mean; for Keras losses pass reduction=None."
-                )
-                raise _traced_error(ValueError, msg)
-            return tf.fill([batch], tf.cast(loss, self.dtype))
         if rank == 2 and loss.shape[1] == 1:
             loss = loss[:, 0]
-        elif rank != 1:
+        elif rank not in (0, 1):
             msg = (
                 "loss_fn: expected per-example losses of shape [B] or [B, 1], or a scalar "
                 f"batch mean; got shape {loss.shape}. Use reduction=None or reduce over "
                 "non-batch axes inside loss_fn."
             )
             raise _traced_error(ValueError, msg)
-        static_b = tf.get_static_value(batch)
-        if loss.shape[0] is not None and static_b is not None and int(loss.shape[0]) != int(static_b):
-            msg = f"loss_fn: returned {loss.shape[0]} per-example losses for a batch of {static_b}."
+        static_b = tf.get_static_value(_batch_size_of(x))
+        if rank and loss.shape[0] is not None and static_b is not None and int(loss.shape[0]) != int(static_b):
+            msg = f"loss_fn: returned {loss.shape[0]} per-example losses for a batch of {static_b} examples."
             raise _traced_error(ValueError, msg)
-        return tf.cast(loss, self.dtype)
+        loss = tf.cast(loss, self.dtype)
+        if weights is not None:
+            if rank == 0:
+                msg = (
+                    "loss_fn: sample weights need per-example losses (shape [B]), but the loss is a scalar "
+                    "batch mean; for Keras losses pass the loss object itself, or reduction=None."
+                )
+                raise _traced_error(ValueError, msg)
+            loss = loss * tf.reshape(tf.cast(weights, self.dtype), [-1])
+        return loss
+
+    def _per_example_loss(self, x: Any, y: Any, predictions: Any = None, *, strict: bool = False) -> tf.Tensor:
+        """Per-example losses, shape [B].
+
+        A scalar loss is read as the batch mean (as Keras loss functions with a
+        reduction return) and spread evenly, which is exact for sums and
+        Hessians of the sum but not for per-example gradients: ``strict=True``
+        refuses it there.
+        """
+        loss = self._loss_values(x, y, predictions)
+        if loss.shape.rank == 0:
+            if strict:
+                msg = (
+                    "loss_fn: per-example quantities (J, the OPG, per-example gradients) need per-example "
+                    "losses (shape [B]), but loss_fn returns a scalar batch mean. Pass a keras.losses.Loss "
+                    "object (hessop reads its per-example values whatever its reduction) or a loss_fn that "
+                    "returns one value per example."
+                )
+                raise _traced_error(ValueError, msg)
+            return tf.fill([_batch_size_of(x)], loss)
+        return loss
 
     def _loss_sum(self, x: Any, y: Any) -> tf.Tensor:
         return tf.reduce_sum(self._per_example_loss(x, y))

@@ -9,7 +9,7 @@ import scipy.linalg
 import scipy.sparse.linalg as sla
 
 from hessop._dense import DEFAULT_MAX_DENSE, dense_from_operator
-from hessop._validation import check_positive_int
+from hessop._validation import check_positive_int, check_symmetric
 
 __all__ = ["eigen", "low_rank", "full_rank", "check_k"]
 
@@ -116,12 +116,17 @@ def eigen(
         raise ValueError(msg)
     k = check_k(k, int(shape[0]))
     oversample = check_positive_int(oversample, "oversample", minimum=0)
+    check_symmetric(op, "op")
     if which not in WHICH:
         msg = f"which: expected one of {WHICH}, got {which!r}."
         raise ValueError(msg)
     if method == "randomized" and which not in ("LA", "LM"):
         # The range finder keeps the directions of largest |eigenvalue|.
         msg = f"which: method='randomized' gives the largest-magnitude eigenvalues (which='LM', or 'LA'), got {which!r}."
+        raise ValueError(msg)
+    power_iterations = check_positive_int(power_iterations, "power_iterations", minimum=0)
+    if isinstance(tol, bool) or not isinstance(tol, (int, float, np.floating, np.integer)) or not np.isfinite(tol) or tol < 0:
+        msg = f"tol: expected a finite number >= 0 (0 means machine precision), got {tol!r}."
         raise ValueError(msg)
     if method == "ipca":
         return _eigen_incremental_svd(op, k, which=which, oversample=oversample)

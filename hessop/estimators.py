@@ -195,9 +195,11 @@ class SpectralDensity:
     def __str__(self) -> str:
         mass = self.weights.mean(axis=0) if self.weights.ndim == 2 else self.weights
         low, high = float(self.nodes.min()), float(self.nodes.max())
-        negative = float(np.sum(self.weights[self.nodes < 0]) / self.weights.shape[0])
+        # Lanczos places nodes of a PSD operator's zero eigenvalues at ±round-off
+        # (-7e-9 for a GGN): only nodes below -σ count as negative mass.
+        negative = float(np.sum(self.weights[self.nodes < -self.sigma]) / self.weights.shape[0])
         return (
-            f"spectral density: support ≈ [{low:.4g}, {high:.4g}], {negative:.1%} of the mass below 0, "
+            f"spectral density: support ≈ [{low:.4g}, {high:.4g}], {negative:.1%} of the mass below -σ, "
             f"{mass.size} Lanczos nodes × {self.weights.shape[0]} probes, σ = {self.sigma:.3g}"
         )
 

@@ -27,13 +27,19 @@ class HessianOperator(SymmetricDataPassOperator):
     model : keras.Model or callable
         Keras model (called with ``training=False``) or any callable
         ``x -> predictions`` whose variables are listed in `params`.
-    loss_fn : callable
+    loss_fn : callable, keras.losses.Loss, str or None
         ``loss_fn(y_true, y_pred)`` returning per-example losses (``[B]`` or
-        ``[B, 1]``) or their batch mean (a scalar, as Keras loss objects do).
+        ``[B, 1]``) or their batch mean (a scalar). A ``keras.losses.Loss``
+        object is read by its per-example values whatever its ``reduction``
+        (values over extra axes, such as time steps, are averaged per
+        example); a name such as ``"sparse_categorical_crossentropy"`` means
+        that Keras loss; None means the loss the model was compiled with.
     data : tuple, tf.data.Dataset or iterable
         ``(x, y)`` arrays (x may be a tuple or dict for multi-input models), a
         `tf.data.Dataset` of ``(x, y)`` batches, or a re-iterable (e.g. a list)
-        of ``(x, y)`` batches.
+        of ``(x, y)`` batches. ``(x, y, sample_weight)`` arrays or batches, as
+        Keras takes them, multiply each example's loss by its weight (a mean
+        still divides by the number of examples).
     params : list of variables, optional
         Variables to differentiate with respect to; default
         ``model.trainable_variables``. Their order defines the flat order.
@@ -107,6 +113,7 @@ class HessianOperator(SymmetricDataPassOperator):
 
     _product = "hvp"
     _kernel_curvature = "hessian"
+    _differentiates_model_twice = True
 
     def __init__(
         self,

@@ -9,7 +9,8 @@ import numpy as np
 import tensorflow as tf
 
 from hessop._base import DataPassOperator
-from hessop._engine import first_call_on_batch
+from hessop._engine import check_parameter_paths, first_call_on_batch
+from hessop._losses import resolve_loss
 
 __all__ = ["JacobianOperator"]
 
@@ -34,10 +35,10 @@ class JacobianOperator(DataPassOperator):
     ----------
     model, data, params, batch_size, dtype, progress, check_deterministic, strategy, jit_compile
         As for `HessianOperator`.
-    loss_fn : callable or None
-        Per-example loss ``loss_fn(y_true, y_pred)`` (shape ``[B]``; a scalar
-        batch mean cannot give per-example gradients and is refused). Ignored,
-        and may be None, for ``target="outputs"``.
+    loss_fn : callable, keras.losses.Loss, str or None
+        Per-example loss as for `HessianOperator` (a callable returning a
+        scalar batch mean cannot give per-example gradients and is refused).
+        Ignored, and may be None, for ``target="outputs"``.
     target : {"loss", "outputs"}
         Which Jacobian.
 
@@ -78,11 +79,10 @@ class JacobianOperator(DataPassOperator):
         if target not in TARGETS:
             msg = f"target: expected one of {TARGETS}, got {target!r}."
             raise ValueError(msg)
-        if target == "loss" and loss_fn is None:
-            msg = "loss_fn: target='loss' needs a per-example loss function, got None."
-            raise ValueError(msg)
         self.target = target
         uses_loss = target == "loss"
+        if uses_loss:
+            loss_fn = resolve_loss(loss_fn, model, "JacobianOperator(target='loss')")
         super().__init__(
             model,
             loss_fn if uses_loss else None,
@@ -104,6 +104,7 @@ class JacobianOperator(DataPassOperator):
             x0, _ = self._probe_batch()
             outputs = first_call_on_batch(lambda: self._engine.outputs(x0), 0, x0)
             self.num_outputs = int(outputs.shape[0]) // self._batches.batch_sizes[0]
+            check_parameter_paths(self._engine.outputs.get_concrete_function(x0).graph, self._engine.variables)
         self.shape = (self.num_data * self.num_outputs, self.num_params)
         prefix = "loss" if uses_loss else "outputs"
         self._forward, self._backward = f"jvp_{prefix}", f"vjp_{prefix}"

@@ -26,7 +26,8 @@ class OPGOperator(SymmetricDataPassOperator):
     Parameters
     ----------
     model, loss_fn, data, params, batch_size, reduction, dtype, progress, check_deterministic, strategy, jit_compile
-        As for `HessianOperator`; ``loss_fn`` must return per-example losses.
+        As for `HessianOperator`; ``loss_fn`` must give per-example losses (a
+        Keras loss object does, whatever its ``reduction``).
 
     Examples
     --------

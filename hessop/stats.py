@@ -14,7 +14,6 @@ factor N is applied to it.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +25,14 @@ from scipy.sparse.linalg import LinearOperator, aslinearoperator
 
 from hessop._dense import DEFAULT_MAX_DENSE, dense_from_operator
 from hessop._solve import NotPositiveDefiniteError, block_cg, smallest_eigenvalue
-from hessop._validation import as_real_array, check_finite_array, check_positive_int, non_finite_rows
+from hessop._validation import (
+    as_real_array,
+    check_finite_array,
+    check_positive_int,
+    check_symmetric,
+    non_finite_rows,
+    warn,
+)
 from hessop.estimators import diagonal
 
 __all__ = [
@@ -94,6 +100,8 @@ class CovarianceOperator(LinearOperator):
     sandwich : bool
         Whether this is the robust sandwich H⁻¹GH⁻¹/N.
     """
+
+    _symmetric = True  # `check_symmetric` trusts it without a product
 
     def __init__(self, shape: tuple[int, int], dtype: Any, method: str, sandwich: bool) -> None:
         super().__init__(dtype=np.dtype(dtype), shape=shape)
@@ -246,10 +254,12 @@ def covariance(
         raise ValueError(msg)
     size = _check_square(hessian, "hessian")
     scale = _information_scale(hessian, num_data, "hessian")
+    check_symmetric(hessian, "hessian")
     if opg is not None:
         if _check_square(opg, "opg") != size:
             msg = f"opg: shape {opg.shape} does not match the hessian's {hessian.shape}."
             raise ValueError(msg)
+        check_symmetric(opg, "opg")
         h_n, g_n = getattr(hessian, "num_data", None), getattr(opg, "num_data", None)
         if h_n is not None and g_n is not None and h_n != g_n:
             msg = f"opg: built on {g_n} examples, the hessian on {h_n}; use the same data."
@@ -325,12 +335,11 @@ def standard_errors(hessian: Any, *, num_probes: int | None = None, seed: int = 
             msg = f"standard_errors: negative variance {variances.min():.3g}; the covariance is not PSD."
             raise ValueError(msg)
         # Hutchinson noise, not a property of the model: a standard error of 0 there would be a false certainty.
-        warnings.warn(
+        warn(
             f"standard_errors: {int(negative.sum())} of {variances.size} Hutchinson estimates of the variance "
             f"are negative (noise of num_probes={num_probes} probes); their standard errors are NaN. Use more "
             "probes, or num_probes=None for the exact diagonal.",
             RuntimeWarning,
-            stacklevel=2,
         )
     return np.sqrt(np.where(negative, np.nan, variances))
 
@@ -419,6 +428,13 @@ def summary(model_or_params: Any, cov: Any, names: list[str] | None = None, *, l
         msg = f"cov: covers {variances.size} parameters, the model has {estimate.size}."
         raise ValueError(msg)
     check_finite_array(variances, "cov diagonal")
+    if np.any(variances < 0):
+        # As standard_errors: a standard error of 0 (z = ±inf, p = 0) would be a false certainty.
+        msg = (
+            f"cov: negative variance {variances.min():.3g} on its diagonal ({int(np.sum(variances < 0))} of "
+            f"{variances.size}); the covariance is not PSD."
+        )
+        raise ValueError(msg)
     if not 0 < level < 1:
         msg = f"level: expected a probability in (0, 1), got {level}."
         raise ValueError(msg)
@@ -426,7 +442,7 @@ def summary(model_or_params: Any, cov: Any, names: list[str] | None = None, *, l
     if len(names) != estimate.size:
         msg = f"names: expected {estimate.size} names, got {len(names)}."
         raise ValueError(msg)
-    se = np.sqrt(np.maximum(variances, 0.0))
+    se = np.sqrt(variances)
     with np.errstate(divide="ignore", invalid="ignore"):
         z = estimate / se
     p = 2 * scipy.stats.norm.sf(np.abs(z))
@@ -512,7 +528,20 @@ def predictive_variance(
         # (np.einsum took 4 × as long: 0.25 s a chunk of 256 examples, C = 10, P = 4,810).
         jf3 = rows.astype(np.float64, copy=False).reshape(-1, outputs, num_params)  # (B, C, P)
         blocks.append(np.matmul(jf3, sj.reshape(num_params, -1, outputs).transpose(1, 0, 2)))
-    return np.concatenate(blocks, axis=0)
+    result = np.concatenate(blocks, axis=0)
+    variances = np.diagonal(result, axis1=1, axis2=2)
+    # Round-off of a PSD covariance gives at most a tiny negative variance; more means cov is indefinite.
+    floor = -np.sqrt(np.finfo(np.dtype(cov_op.dtype) if np.dtype(cov_op.dtype).kind == "f" else np.float64).eps)
+    negative = variances < floor * np.max(np.abs(variances), initial=0.0)
+    if np.any(negative):
+        bad = int(np.sum(np.any(negative, axis=1)))
+        msg = (
+            f"cov: the predictive variance is negative for {bad} of {num_examples} examples "
+            f"(min {variances.min():.3g}), so cov is not positive semi-definite (an indefinite Hessian's "
+            "inverse?); use a PSD covariance, e.g. from the GGN or with damping."
+        )
+        raise ValueError(msg)
+    return result
 
 
 def _as_operator(cov: Any) -> LinearOperator:

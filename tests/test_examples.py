@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 EXAMPLES = Path(__file__).parents[1] / "docs" / "examples"
@@ -67,3 +68,13 @@ def test_demo_arguments_are_checked_before_training(tmp_path, capsys):
             build_parser().parse_args(argv)
         assert exited.value.code == 2 and message in capsys.readouterr().err
     assert build_parser().parse_args(["demo", "--output", str(tmp_path / "x.png")]).output == str(tmp_path / "x.png")
+
+
+def test_readme_example_runs_and_converges():
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    code = readme.split("## Example\n", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 - the README's own code
+    assert namespace["info"] == 0  # cg converged
+    assert len(namespace["top_values"]) == 5 and np.all(np.isfinite(namespace["step"]))
+    assert max(len(line) for line in code.splitlines()) <= 88

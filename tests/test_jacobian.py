@@ -135,8 +135,12 @@ def test_bad_target_and_scalar_loss(mlp):
 
     with pytest.raises(ValueError, match="target"):
         hessop.JacobianOperator(mlp.model, mlp.loss_fn, (mlp.x, mlp.y), target="logits")
-    mean_loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True, dtype="float64")
-    with pytest.raises(ValueError, match="^loss_fn: per-example gradients need per-example losses"):
+    keras_loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True, dtype="float64")
+
+    def mean_loss(y, f):  # a plain callable's scalar: no per-example values to be had
+        return keras_loss(y, f)
+
+    with pytest.raises(ValueError, match="^loss_fn: per-example quantities .* need per-example losses"):
         hessop.JacobianOperator(mlp.model, mean_loss, (mlp.x, mlp.y))
     with pytest.raises(TypeError, match=r"^model: expected output tensors, got dict with none\.$"):
         hessop.JacobianOperator(lambda x: {}, None, (mlp.x, None), params=mlp.model.trainable_variables, target="outputs")
