@@ -83,12 +83,14 @@ def check_symmetric(op: Any, name: str, *, seed: int = 0) -> None:
     if getattr(op, "_symmetric", False):
         return
     dtype = np.dtype(getattr(op, "dtype", None) or np.float64)
-    tolerance = float(np.sqrt(np.finfo(dtype if dtype.kind == "f" else np.float64).eps))
+    if dtype.kind != "f":
+        dtype = np.dtype(np.float64)
+    tolerance = float(np.sqrt(np.finfo(dtype).eps))
     if isinstance(op, np.ndarray):
         difference, scale = float(np.max(np.abs(op - op.T), initial=0.0)), float(np.max(np.abs(op), initial=0.0))
     else:
         size = int(op.shape[1])
-        u, v = np.random.default_rng(seed).standard_normal((2, size)).astype(dtype if dtype.kind == "f" else np.float64)
+        u, v = np.random.default_rng(seed).standard_normal((2, size)).astype(dtype)
         au, av = np.asarray(op.matvec(u), dtype=np.float64), np.asarray(op.matvec(v), dtype=np.float64)
         difference = abs(float(u @ av) - float(v @ au))
         scale = float(np.linalg.norm(au) * np.linalg.norm(v) + np.linalg.norm(av) * np.linalg.norm(u))
