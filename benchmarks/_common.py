@@ -11,12 +11,12 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-import contextlib  # noqa: E402
-import platform  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Callable, Iterator, Sequence  # noqa: E402
-from typing import Any  # noqa: E402
+import contextlib
+import platform
+import statistics
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 
 def machine_info() -> str:
@@ -78,12 +78,12 @@ def interleaved(fns: dict[str, Callable[[], Any]], *, repeats: int = 7, warmup: 
             start = time.perf_counter()
             fn()
             samples[name].append(time.perf_counter() - start)
-    return {
-        name: {"first": firsts[name], "median": statistics.median(s), "min": min(s)} for name, s in samples.items()
-    }
+    return {name: {"first": firsts[name], "median": statistics.median(s), "min": min(s)} for name, s in samples.items()}
 
 
-def grouped(fns: dict[str, Callable[[], Any]], *, repeats: int = 7, rounds: int = 2, pause: float = 0.3) -> dict[str, dict[str, float]]:
+def grouped(
+    fns: dict[str, Callable[[], Any]], *, repeats: int = 7, rounds: int = 2, pause: float = 0.3
+) -> dict[str, dict[str, float]]:
     """Time each function's repeats back to back, alternating the order over rounds.
 
     For multi-threaded kernels: OpenBLAS worker threads keep spinning for a
@@ -106,9 +106,7 @@ def grouped(fns: dict[str, Callable[[], Any]], *, repeats: int = 7, rounds: int 
                 start = time.perf_counter()
                 fns[name]()
                 samples[name].append(time.perf_counter() - start)
-    return {
-        name: {"first": firsts[name], "median": statistics.median(s), "min": min(s)} for name, s in samples.items()
-    }
+    return {name: {"first": firsts[name], "median": statistics.median(s), "min": min(s)} for name, s in samples.items()}
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

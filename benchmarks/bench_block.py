@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import argparse
 
-from _common import interleaved, machine_info, ms, table, tensorflow_pfor_rules
-from bench_hvp import data, mlp, reverse_over_reverse
-
 import keras
 import numpy as np
 import tensorflow as tf
+from _common import interleaved, machine_info, ms, table, tensorflow_pfor_rules
+from bench_hvp import data, mlp, reverse_over_reverse
 
 import hessop
 
@@ -80,11 +79,22 @@ def main() -> None:
             result = interleaved(fns, repeats=args.repeats)
             ratio = result["block"]["median"] / result["columns"]["median"]
             rows.append(
-                [name, k, ms(result["block"]["median"]), ms(result["columns"]["median"]), round(ratio, 2), ms(result["block"]["first"])]
+                [
+                    name,
+                    k,
+                    ms(result["block"]["median"]),
+                    ms(result["columns"]["median"]),
+                    round(ratio, 2),
+                    ms(result["block"]["first"]),
+                ]
             )
     chosen = operators["Hessian"]._engine._chosen_mode
     print(f"\nHessian HVP mode chosen by timing: {chosen}")
-    print(table(["operator", "k", "A @ V median ms", "k × (A @ v) median ms", "block ÷ columns", "first block call ms (trace)"], rows))
+    print(
+        table(
+            ["operator", "k", "A @ V median ms", "k × (A @ v) median ms", "block ÷ columns", "first block call ms (trace)"], rows
+        )
+    )
     # The arithmetic floor of the ratio: a block shares the forward pass and
     # first gradient, but each tangent still costs its own matmuls.
     xb, yb = batches[0]
@@ -92,7 +102,9 @@ def main() -> None:
     flop_rows = []
     for k in args.k:
         block_flops = matmul_flops(hvp_block.get_concrete_function(xb, yb, [tf.zeros((k, *v.shape)) for v in variables]))
-        flop_rows.append([k, round(single_flops / 1e6, 1), round(block_flops / 1e6, 1), round(block_flops / (k * single_flops), 3)])
+        flop_rows.append(
+            [k, round(single_flops / 1e6, 1), round(block_flops / 1e6, 1), round(block_flops / (k * single_flops), 3)]
+        )
     print("\nmatmul work of the hand-written HVP per batch of 512 (ops the result depends on):")
     print(table(["k", "one column MFLOP", "block MFLOP", "block ÷ k columns"], flop_rows))
 

@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import argparse
 
-from _common import grouped, machine_info, ms, table
-from bench_hvp import data, mlp
-
 import keras
 import numpy as np
+from _common import grouped, machine_info, ms, table
+from bench_hvp import data, mlp
 
 import hessop
 
@@ -109,7 +108,16 @@ def main() -> None:
     print(f"model: MLP 784-128-64-10 tanh, N = 2048, batch 512, float32, P = {P:,}")
     print(
         table(
-            ["operator", "max rel. difference", "hessop ms", "curvlinops ms", "hessop ÷ curvlinops", "hessop block-10 ms", "curvlinops block-10 ms", "block ratio"],
+            [
+                "operator",
+                "max rel. difference",
+                "hessop ms",
+                "curvlinops ms",
+                "hessop ÷ curvlinops",
+                "hessop block-10 ms",
+                "curvlinops block-10 ms",
+                "block ratio",
+            ],
             rows,
         )
     )

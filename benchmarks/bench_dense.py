@@ -14,9 +14,9 @@ its peak memory (max RSS) is its own:
   widths from 16 columns up tried on the first columns, the fastest kept
   for the rest;
 * ``hessop_hvp``: the same with ``method="hvp"``: every column from batched
-  HVPs (the default before session 19);
+  HVPs;
 * ``hessop_reverse_128``: ``method="hvp"``, ``hvp_mode="reverse"`` and a
-  fixed ``block_size=128`` (the default before session 5);
+  fixed ``block_size=128``;
 * ``jacobian``: ``GradientTape.jacobian`` of the full-data gradient (pfor over all P);
 * ``per_column``: the seed paper's route, one HVP per column (P calls);
 * ``tf_hessians``: ``tf.hessians``-style per-variable blocks only (incomplete, for scale).
@@ -25,7 +25,7 @@ Then, in fresh processes: ``to_dense()`` against ``method="hvp"`` (timed
 widths), against that with ``block_size=128``, against it traced with
 TensorFlow's pfor rules instead of hessop's (see ``hessop/_pfor.py``),
 against it as one part (every column's tangent in all variables and all
-rows computed, as before session 13), and against ``jacobian``, all in one
+rows computed), and against ``jacobian``, all in one
 process and interleaved; the OPG's dense matrix by ``OPGOperator.to_dense``
 (per-example gradients summed by GEMMs) and the GGN's (its first kernel's
 block in closed form) against their columns from products, also in one
@@ -184,18 +184,25 @@ def run_method(method: str, num_data: int) -> dict:
         searched = H._engine.hvp_mode != "auto" or "block" in H._engine.timings
         mode = H._engine.hvp_mode_in_use("block") + ("" if searched else " (auto, no search)")
     width = most_used(widths) if widths else "-"
-    return {"method": method, "seconds": elapsed, "second": second, "peak_gb": peak_gb, "P": P, "checksum": checksum, "mode": mode, "width": width}
+    return {
+        "method": method,
+        "seconds": elapsed,
+        "second": second,
+        "peak_gb": peak_gb,
+        "P": P,
+        "checksum": checksum,
+        "mode": mode,
+        "width": width,
+    }
 
 
 def compare_in_one_process(num_data: int, rounds: int = 5) -> dict:
     """In one process, interleaved: to_dense() against its variants and against ``jacobian``.
 
     Variants, all ``hvp_mode="reverse"``: the default (closed-form kernel
-    block, timed widths); ``method="hvp"``, every column from HVPs (before
-    session 19); that with ``block_size=128``; that with the block products
+    block, timed widths); ``method="hvp"``, every column from HVPs; that with ``block_size=128``; that with the block products
     traced under TensorFlow's own pfor rules instead of hessop's (see
-    ``hessop/_pfor.py``), which is what to_dense cost before that module;
-    and that as one part, all rows of every column (before session 13).
+    ``hessop/_pfor.py``); and that as one part, all rows of every column.
     """
     import numpy as np
 
@@ -266,7 +273,7 @@ def opg_ggn_in_one_process(num_data: int, rounds: int = 5) -> dict:
     calls = {}
     for name, (label, closed, products) in pairs.items():
         calls[f"{name} {label}"] = closed
-        calls[f"{name} from products (before session 19)"] = products
+        calls[f"{name} from products"] = products
     timings = interleaved(calls, repeats=rounds, warmup=1)
     difference = {}
     for name, (_, closed, products) in pairs.items():
@@ -357,8 +364,16 @@ def run_child(name: str, num_data: int, memory_limit_gb: float) -> dict:
     """Run one helper in a fresh process and return the JSON it prints."""
     proc = subprocess.run(
         [
-            sys.executable, __file__, "--child", name, "--num-data", str(num_data),
-            "--memory-limit-gb", str(memory_limit_gb), "--model", MODEL,
+            sys.executable,
+            __file__,
+            "--child",
+            name,
+            "--num-data",
+            str(num_data),
+            "--memory-limit-gb",
+            str(memory_limit_gb),
+            "--model",
+            MODEL,
         ],
         capture_output=True,
         text=True,
@@ -372,12 +387,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--num-data", type=int, default=512)
     parser.add_argument(
-        "--memory-limit-gb", type=float, default=16.0, help="address-space limit of each child process (0: none); the deep model's jacobian needs more than 16"
+        "--memory-limit-gb",
+        type=float,
+        default=16.0,
+        help="address-space limit of each child process (0: none); the deep model's jacobian needs more than 16",
     )
     parser.add_argument(
         "--methods", nargs="+", default=["hessop", "hessop_hvp", "hessop_reverse_128", "jacobian", "per_column", "tf_hessians"]
     )
-    parser.add_argument("--model", choices=sorted(MODELS), default="mlp", help="mlp: 64-64-10 (P = 4,810); deep: 64-40-40-40-40-10 (P = 7,930)")
+    parser.add_argument(
+        "--model", choices=sorted(MODELS), default="mlp", help="mlp: 64-64-10 (P = 4,810); deep: 64-40-40-40-40-10 (P = 7,930)"
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     global MODEL
@@ -386,7 +406,11 @@ def main() -> None:
         if args.memory_limit_gb > 0:  # 0: no limit
             limit = int(args.memory_limit_gb * 2**30)
             resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-        helpers = {"compare_in_one_process": compare_in_one_process, "throughput": hvp_flops_and_matmul_rates, "opg_ggn": opg_ggn_in_one_process}
+        helpers = {
+            "compare_in_one_process": compare_in_one_process,
+            "throughput": hvp_flops_and_matmul_rates,
+            "opg_ggn": opg_ggn_in_one_process,
+        }
         result = helpers.get(args.child, lambda n: run_method(args.child, n))(args.num_data)
         print(json.dumps(result))
         return
@@ -396,8 +420,16 @@ def main() -> None:
     for method in args.methods:
         proc = subprocess.run(
             [
-                sys.executable, __file__, "--child", method, "--num-data", str(args.num_data),
-                "--memory-limit-gb", str(args.memory_limit_gb), "--model", MODEL,
+                sys.executable,
+                __file__,
+                "--child",
+                method,
+                "--num-data",
+                str(args.num_data),
+                "--memory-limit-gb",
+                str(args.memory_limit_gb),
+                "--model",
+                MODEL,
             ],
             capture_output=True,
             text=True,
@@ -406,7 +438,19 @@ def main() -> None:
         lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
         if proc.returncode != 0 or not lines:
             reason = "out of memory" if "memory" in proc.stderr.lower() or proc.returncode < 0 else f"failed ({proc.returncode})"
-            rows.append([method, "-", "-", reason, "-", "-", "-", f"> {args.memory_limit_gb:g}" if reason == "out of memory" else "-", "-"])
+            rows.append(
+                [
+                    method,
+                    "-",
+                    "-",
+                    reason,
+                    "-",
+                    "-",
+                    "-",
+                    f"> {args.memory_limit_gb:g}" if reason == "out of memory" else "-",
+                    "-",
+                ]
+            )
             continue
         results[method] = json.loads(lines[-1])
     base = results.get("hessop", {}).get("seconds")
@@ -432,7 +476,17 @@ def main() -> None:
                 agree,
             ]
         )
-    headers = ["method", "block HVP mode", "block width", "first call s (incl. tracing)", "÷ hessop", "second call s", "÷ hessop", "peak RSS GiB", "agrees with hessop"]
+    headers = [
+        "method",
+        "block HVP mode",
+        "block width",
+        "first call s (incl. tracing)",
+        "÷ hessop",
+        "second call s",
+        "÷ hessop",
+        "peak RSS GiB",
+        "agrees with hessop",
+    ]
     print(table(headers, rows))
     print("(tf_hessians computes only the per-variable diagonal blocks: it is not the full Hessian.)")
     # Block widths, pfor rules and jacobian side by side in one process
@@ -442,7 +496,12 @@ def main() -> None:
     print("\nhvp_mode='reverse', one process, 5 interleaved rounds after warm-up:")
     medians = same["median"]
     default = medians["to_dense()"]
-    print(table(["dense Hessian", "median s", "÷ to_dense()"], [[name, round(sec, 2), round(sec / default, 2)] for name, sec in medians.items()]))
+    print(
+        table(
+            ["dense Hessian", "median s", "÷ to_dense()"],
+            [[name, round(sec, 2), round(sec / default, 2)] for name, sec in medians.items()],
+        )
+    )
     print(f"widths chosen in the five rounds: {same['chosen']}")
     # The OPG's and the GGN's dense matrices, each by its two routes.
     other = run_child("opg_ggn", args.num_data, args.memory_limit_gb)
@@ -451,7 +510,10 @@ def main() -> None:
     rows_ = []
     for i in range(0, len(names), 2):
         base_ = other["median"][names[i]]
-        rows_ += [[n, round(other["first"][n], 2), round(other["median"][n], 2), round(other["median"][n] / base_, 2)] for n in names[i : i + 2]]
+        rows_ += [
+            [n, round(other["first"][n], 2), round(other["median"][n], 2), round(other["median"][n] / base_, 2)]
+            for n in names[i : i + 2]
+        ]
     print(table(["dense matrix", "first call s", "median s", "÷ its to_dense()"], rows_))
     print("max relative difference between the two routes: " + ", ".join(f"{k} {v:.1e}" for k, v in other["difference"].items()))
     # Work and throughput: what each route computes, and how fast.
@@ -467,26 +529,42 @@ def main() -> None:
         f"to_dense computes the lower block triangle by parts of the variables {work['parts']}: "
         f"{work['to_dense_flops'] / 1e9:.0f} GFLOP (the same count for each part's restricted product)."
     )
-    print(f"TF float32 matmul here (best of 30): {work['matmul_layer_shape'] / 1e9:.0f} GFLOP/s at ({args.num_data} × 64)·(64 × {MODELS[MODEL][0] * 64}), "
-          f"{work['matmul_2048'] / 1e9:.0f} GFLOP/s at 2048³")
+    print(
+        f"TF float32 matmul here (best of 30): {work['matmul_layer_shape'] / 1e9:.0f} GFLOP/s "
+        f"at ({args.num_data} × 64)·(64 × {MODELS[MODEL][0] * 64}), "
+        f"{work['matmul_2048'] / 1e9:.0f} GFLOP/s at 2048³"
+    )
     kernel_gemm = 2 * args.num_data * 64**2 * MODELS[MODEL][0] ** 2
     print(
         f"to_dense() replaces the first kernel's {64 * MODELS[MODEL][0]:,} columns by one GEMM of 2·N·d_in²·d_out² = "
         f"{kernel_gemm / 1e9:.0f} GFLOP (hessop/_kronecker.py); it took {default:.2f} s, "
-        f"{medians['jacobian'] / default:.1f} × less than jacobian." if "jacobian" in medians else ""
+        f"{medians['jacobian'] / default:.1f} × less than jacobian."
+        if "jacobian" in medians
+        else ""
     )
     timings = {
-        "hessop to_dense(method='hvp'), one process (median above)": (medians["to_dense(method='hvp') (timed widths)"], work["to_dense_flops"]),
+        "hessop to_dense(method='hvp'), one process (median above)": (
+            medians["to_dense(method='hvp') (timed widths)"],
+            work["to_dense_flops"],
+        ),
         **({"jacobian, one process (median above)": (medians["jacobian"], blocked)} if "jacobian" in medians else {}),
     }
     timings.update({f"{m}, second call": (r["second"], separate) for m, r in results.items() if m == "per_column"})
-    print(table(
-        ["dense Hessian", "s", "GFLOP", "GFLOP/s", "÷ layer-shape matmul rate"],
-        [
-            [name, round(sec, 2), round(flop / 1e9), round(flop / sec / 1e9), round(flop / sec / work["matmul_layer_shape"], 2)]
-            for name, (sec, flop) in timings.items()
-        ],
-    ))
+    print(
+        table(
+            ["dense Hessian", "s", "GFLOP", "GFLOP/s", "÷ layer-shape matmul rate"],
+            [
+                [
+                    name,
+                    round(sec, 2),
+                    round(flop / 1e9),
+                    round(flop / sec / 1e9),
+                    round(flop / sec / work["matmul_layer_shape"], 2),
+                ]
+                for name, (sec, flop) in timings.items()
+            ],
+        )
+    )
 
 
 if __name__ == "__main__":

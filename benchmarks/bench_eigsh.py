@@ -13,12 +13,11 @@ from __future__ import annotations
 import argparse
 import time
 
-from _common import interleaved, machine_info, ms, table
-from bench_hvp import data, mlp
-
 import keras
 import numpy as np
 import scipy.sparse.linalg as sla
+from _common import interleaved, machine_info, ms, table
+from bench_hvp import data, mlp
 
 import hessop
 
@@ -63,13 +62,33 @@ def main() -> None:
         start = time.perf_counter()
         values = sla.eigsh(counted, k=k, which="LA", tol=1e-4, return_eigenvectors=False, v0=np.ones(P, dtype=np.float32))
         total = time.perf_counter() - start
-        rows.append(["eigsh", k, round(total, 2), counted.calls, counted.columns, ms(counted.seconds / counted.calls), round(float(np.max(values)), 4)])
+        rows.append(
+            [
+                "eigsh",
+                k,
+                round(total, 2),
+                counted.calls,
+                counted.columns,
+                ms(counted.seconds / counted.calls),
+                round(float(np.max(values)), 4),
+            ]
+        )
         counted = Counted(H)
         start = time.perf_counter()
         block = np.random.default_rng(0).normal(size=(P, max(k, 2))).astype(np.float32)
         values = sla.lobpcg(counted, block, tol=1e-4, maxiter=100, largest=True)[0]
         total = time.perf_counter() - start
-        rows.append(["lobpcg (block products)", k, round(total, 2), counted.calls, counted.columns, ms(counted.seconds / counted.calls), round(float(np.max(values)), 4)])
+        rows.append(
+            [
+                "lobpcg (block products)",
+                k,
+                round(total, 2),
+                counted.calls,
+                counted.columns,
+                ms(counted.seconds / counted.calls),
+                round(float(np.max(values)), 4),
+            ]
+        )
     print(f"\none Hessian matvec alone: {ms(alone)} ms")
     print(table(["solver", "k", "seconds", "operator calls", "vectors", "ms per call inside solver", "top eigenvalue"], rows))
 

@@ -1,12 +1,13 @@
 """Matvec cost of every data-pass operator, in units of one full-data gradient.
 
 Model: MLP 784-128-64-10 (tanh), softmax cross-entropy, N = 2048, batch 512,
-float32 (P = 109,386). Baselines in the same run: a plain compiled TF gradient
-over the same batches, and hand-written reverse-over-reverse and
-forward-over-reverse HVPs. The Hessian rows include XLA-compiled products
-(``jit_compile=True``; their first call includes XLA compilation). Also:
-per-call Python overhead of the scipy path (matvec through scipy vs the
-engine's per-batch functions called directly), one batch of per-example
+float32 (P = 109,386). Baselines in the same run: the full-data gradient and
+hand-written reverse-over-reverse and forward-over-reverse HVPs, each one
+``tf.function`` over all batches (``bench_fused.py``), and the same called
+once per batch from Python, for the cost of that dispatch. The Hessian rows
+include XLA-compiled products (``jit_compile=True``; their first call
+includes XLA compilation). Also: per-call Python overhead of the scipy path
+(matvec through scipy vs the operator's fused pass called directly), one batch of per-example
 gradients against ``tape.jacobian`` by hand, and matvec time vs N (should be
 linear).
 
@@ -19,17 +20,17 @@ import argparse
 import statistics
 import time
 
-from _common import interleaved, machine_info, ms, table, tensorflow_pfor_rules
-
+import keras
 import numpy as np
 import tensorflow as tf
-import keras
+from _common import interleaved, machine_info, ms, table, tensorflow_pfor_rules
+from bench_fused import fused, products
 
 import hessop
 from hessop import _engine
 
-# Back-to-back pairs for the per-call overhead: with 25, three runs on the
-# Intel machine of session 14 gave +1.0 %, +7.7 % and +10.1 %.
+# Back-to-back pairs for the per-call overhead: 25 pairs were too few to
+# separate a few percent from noise.
 OVERHEAD_PAIRS = 100
 
 
@@ -104,11 +105,16 @@ def main() -> None:
     tangents = [tf.ones_like(v) for v in variables]
     vector = np.random.default_rng(1).normal(size=P).astype("float32")
 
-    def full_gradient():
+    def per_batch_gradient():
         return [gradient(xb, yb) for xb, yb in batches][-1][0].numpy()
 
-    def full(fn):
+    def per_batch(fn):
         return lambda: [fn(xb, yb, tangents) for xb, yb in batches][-1][0].numpy()
+
+    # The baselines: one tf.function over all batches (see bench_fused.py).
+    hand = products(model, loss_fn, variables)
+    tensor_vector = tf.constant(vector)
+    fused_gradient, fused_rr, fused_fr = (fused(x, y, bs, hand[key]) for key in ("gradient", "hvp_rr", "hvp_fr"))
 
     G = hessop.OPGOperator(model, loss_fn, (x, y), batch_size=bs)
     GGN = hessop.GGNOperator(model, loss_fn, (x, y), batch_size=bs)
@@ -122,41 +128,39 @@ def main() -> None:
     engine_single = None
 
     def engine_only():
-        # The per-batch compiled HVP alone, called on tensors: the floor for H.matvec.
+        # The operator's fused pass alone, called on a tensor: the floor for H.matvec.
         nonlocal engine_single
-        v = tf.constant(vector)
         if engine_single is None:
-            engine_single = H._per_batch("hvp", v)
-        total = None
-        for xb, yb in H._batches:
-            part = engine_single(xb, yb, v)
-            total = part if total is None else total + part
-        return total.numpy()
+            engine_single = H._per_batch("hvp", tensor_vector)
+        return H._fused.summed(engine_single, tensor_vector, P).numpy()
 
     fns = {
-        "TF gradient (baseline)": full_gradient,
-        "hand-written HVP, reverse-over-reverse": full(hvp_rr),
-        "hand-written HVP, forward-over-reverse": full(hvp_fr),
+        "TF gradient, fused (baseline)": lambda: fused_gradient(tensor_vector).numpy(),
+        "TF gradient, one call per batch": per_batch_gradient,
+        "hand-written HVP, reverse-over-reverse, fused": lambda: fused_rr(tensor_vector).numpy(),
+        "hand-written HVP, forward-over-reverse, fused": lambda: fused_fr(tensor_vector).numpy(),
+        "hand-written HVP, reverse-over-reverse, per batch": per_batch(hvp_rr),
+        "hand-written HVP, forward-over-reverse, per batch": per_batch(hvp_fr),
         "HessianOperator.matvec (auto)": lambda: H @ vector,
         "HessianOperator.matvec (forward)": lambda: H_fwd @ vector,
         "HessianOperator.matvec (reverse)": lambda: H_rev @ vector,
         "HessianOperator.matvec (forward, XLA)": lambda: H_fwd_xla @ vector,
         "HessianOperator.matvec (reverse, XLA)": lambda: H_rev_xla @ vector,
-        "engine per-batch HVPs only (no scipy)": engine_only,
+        "the operator's fused pass only (no scipy)": engine_only,
         "OPGOperator.matvec": lambda: G @ vector,
         "GGNOperator.matvec": lambda: GGN @ vector,
         "JacobianOperator.matvec (JVP)": lambda: J @ vector,
         "JacobianOperator.rmatvec (VJP)": lambda: J.rmatvec(row_vector),
     }
     results = interleaved(fns, repeats=args.repeats)
-    base = results["TF gradient (baseline)"]["median"]
-    rows = [
-        [name, ms(r["median"]), ms(r["min"]), ms(r["first"]), round(r["median"] / base, 2)] for name, r in results.items()
-    ]
+    base = results["TF gradient, fused (baseline)"]["median"]
+    rows = [[name, ms(r["median"]), ms(r["min"]), ms(r["first"]), round(r["median"] / base, 2)] for name, r in results.items()]
     print(f"\n{auto_search}")
-    print(table(["operation (all N = 2048, batch 512)", "median ms", "min ms", "first call ms", "÷ gradient"], rows))
-    overhead = results["HessianOperator.matvec (auto)"]["median"] / results["engine per-batch HVPs only (no scipy)"]["median"] - 1
-    print(f"\nper-call overhead of the scipy path over the bare per-batch HVPs (ratio of the medians above): {overhead:+.1%}")
+    print(table(["operation (all N = 2048, batch 512)", "median ms", "min ms", "first call ms", "÷ fused gradient"], rows))
+    overhead = (
+        results["HessianOperator.matvec (auto)"]["median"] / results["the operator's fused pass only (no scipy)"]["median"] - 1
+    )
+    print(f"\nper-call overhead of the scipy path over the bare fused pass (ratio of the medians above): {overhead:+.1%}")
     # The same ratio from back-to-back pairs (order alternating), which drifts
     # of the machine's load between the two functions' samples do not reach.
     ratios = []
@@ -250,7 +254,10 @@ def per_example_table(model: keras.Model, loss_fn, x: np.ndarray, y: np.ndarray,
         [name, ms(r["median"]), ms(r["min"]), round(r["median"] / unit, 1), round(r["median"] / by_hand_median, 2)]
         for name, r in results.items()
     ]
-    print(f"\nper-example gradients of one batch ({len(x)} × {sum(int(np.prod(v.shape)) for v in variables):,}, float32, numpy out):")
+    print(
+        f"\nper-example gradients of one batch ({len(x)} × {sum(int(np.prod(v.shape)) for v in variables):,}, "
+        "float32, numpy out):"
+    )
     print(table(["operation", "median ms", "min ms", "÷ batch gradient", "÷ by hand"], rows))
 
 

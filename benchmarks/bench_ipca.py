@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import time
 
-from _common import machine_info, table
-
 import keras
 import numpy as np
+from _common import machine_info, table
 from sklearn.datasets import load_digits
 from sklearn.decomposition import IncrementalPCA
 
@@ -28,7 +27,11 @@ def main() -> None:
     x, y = digits.data / 16.0, digits.target
     keras.utils.set_random_seed(0)
     model = keras.Sequential(
-        [keras.Input((64,), dtype="float64"), keras.layers.Dense(16, activation="tanh", dtype="float64"), keras.layers.Dense(10, dtype="float64")]
+        [
+            keras.Input((64,), dtype="float64"),
+            keras.layers.Dense(16, activation="tanh", dtype="float64"),
+            keras.layers.Dense(10, dtype="float64"),
+        ]
     )
     loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None, dtype="float64")
     model.compile(optimizer=keras.optimizers.Adam(1e-2), loss=loss_fn)

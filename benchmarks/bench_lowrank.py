@@ -5,7 +5,8 @@ low-rank matvec Q(λ∘Qᵀx), fused full-rank matvec Q((λ−λ̃)∘Qᵀx) + �
 form xᵀAx, and the diagonal. numpy baselines are written the way a user
 would (``Q @ (lam * (Q.T @ x))``; ``x @ (A @ x)``), in the same process, timed
 in alternating groups (see ``_common.grouped``: per-call interleaving would
-make numba's threads compete with OpenBLAS threads still spinning). The bound is the time to read Q once (or twice for a matvec) at
+make numba's threads compete with OpenBLAS threads still spinning). The bound is the time to read Q once
+(or twice for a matvec) at
 the copy bandwidth measured here; a second bound adds the other arrays read
 and written once each (x or X, read twice by a full-rank product, and the
 result). Compile time is excluded (warm-up calls).
@@ -24,10 +25,9 @@ import argparse
 import os
 import time
 
-from _common import grouped, machine_info, ms, table
-
 import numba
 import numpy as np
+from _common import grouped, machine_info, ms, table
 
 import hessop
 from hessop import _kernels
@@ -60,7 +60,7 @@ def main() -> None:
     # Orthonormal Q without a P×K QR: a random Q scaled to near-orthonormal, then
     # exactly orthonormalised via Cholesky of its K×K Gram matrix.
     Q = rng.standard_normal((P, K)).astype(np.float32)
-    gram = (Q.T.astype(np.float64) @ Q.astype(np.float64))
+    gram = Q.T.astype(np.float64) @ Q.astype(np.float64)
     Q = np.ascontiguousarray((Q.astype(np.float64) @ np.linalg.inv(np.linalg.cholesky(gram)).T).astype(np.float32))
     lam = np.sort(rng.uniform(1.0, 10.0, K))[::-1].astype(np.float32)
     tail = float(lam[-1])
@@ -70,8 +70,10 @@ def main() -> None:
     X = rng.standard_normal((P, args.block)).astype(np.float32)
     bandwidth = copy_bandwidth(Q.nbytes)
     read_once = Q.nbytes / bandwidth
-    print(f"P = {P:,}, K = {K}, float32: Q = {Q.nbytes / 1e6:.0f} MB; copy bandwidth {bandwidth / 1e9:.1f} GB/s "
-          f"→ reading Q once ≥ {read_once * 1e3:.1f} ms")
+    print(
+        f"P = {P:,}, K = {K}, float32: Q = {Q.nbytes / 1e6:.0f} MB; copy bandwidth {bandwidth / 1e9:.1f} GB/s "
+        f"→ reading Q once ≥ {read_once * 1e3:.1f} ms"
+    )
 
     lam_col = lam[:, None]
     shifted = (lam - tail).astype(np.float32)
@@ -90,7 +92,12 @@ def main() -> None:
             2,
             3 * X.nbytes,
         ),
-        "quadratic form xᵀAx (full rank)": (lambda: full.quadratic_form(x), lambda: x @ (Q @ (shifted * (Q.T @ x)) + tail * x), 1, x.nbytes),
+        "quadratic form xᵀAx (full rank)": (
+            lambda: full.quadratic_form(x),
+            lambda: x @ (Q @ (shifted * (Q.T @ x)) + tail * x),
+            1,
+            x.nbytes,
+        ),
         f"quadratic forms, block {args.block}": (
             lambda: full.quadratic_form(X),
             lambda: np.einsum("ij,ij->j", X, Q @ (shifted[:, None] * (Q.T @ X)) + tail * X),

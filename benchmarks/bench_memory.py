@@ -68,7 +68,12 @@ def main() -> None:
     rows = []
     batch = 512
     for num_data, hidden in [(2048, 128), (16384, 128), (2048, 512), (16384, 512)]:
-        out = subprocess.run([sys.executable, __file__, "--child", str(num_data), str(hidden), str(batch)], capture_output=True, text=True, timeout=900)
+        out = subprocess.run(
+            [sys.executable, __file__, "--child", str(num_data), str(hidden), str(batch)],
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
         result = json.loads([line for line in out.stdout.splitlines() if line.startswith("{")][-1])
         P = result["P"]
         activations_mb = batch * (784 + hidden + 10) * 4 * 3 / 2**20  # forward, backward, second backward

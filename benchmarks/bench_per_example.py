@@ -35,9 +35,7 @@ def _setup(batch: int):
     import numpy as np
 
     keras.utils.set_random_seed(0)
-    model = keras.Sequential(
-        [keras.Input((INPUTS,)), keras.layers.Dense(HIDDEN, activation="tanh"), keras.layers.Dense(CLASSES)]
-    )
+    model = keras.Sequential([keras.Input((INPUTS,)), keras.layers.Dense(HIDDEN, activation="tanh"), keras.layers.Dense(CLASSES)])
     rng = np.random.default_rng(0)
     x = rng.normal(size=(batch, INPUTS)).astype("float32")
     y = rng.integers(0, CLASSES, size=batch).astype("int32")
@@ -90,7 +88,12 @@ def child(route: str, target: str, batch: int) -> dict:
         samples.append(time.perf_counter() - start)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     np.save(f"/tmp/bench_per_example_{route}_{target}_{batch}.npy", result)
-    return {"first": first, "median": float(np.median(samples)), "growth_mb": (peak - before) / 1024, "result_mb": result.nbytes / 2**20}
+    return {
+        "first": first,
+        "median": float(np.median(samples)),
+        "growth_mb": (peak - before) / 1024,
+        "result_mb": result.nbytes / 2**20,
+    }
 
 
 def rows_table() -> str:
@@ -162,12 +165,16 @@ def predictive_table(num_data: int = 2048, batch_size: int = 256) -> str:
 
     model, loss_fn, x, y = _setup(num_data)
     P = sum(int(np.prod(v.shape)) for v in model.trainable_variables)
-    cov = hessop.LowRankOperator(np.linalg.qr(np.random.default_rng(1).normal(size=(P, 20)))[0].astype("float32"), np.linspace(1, 2, 20))
+    cov = hessop.LowRankOperator(
+        np.linalg.qr(np.random.default_rng(1).normal(size=(P, 20)))[0].astype("float32"), np.linspace(1, 2, 20)
+    )
 
     def per_chunk_operators():  # the implementation before: one operator and J.H @ I per chunk
         blocks = []
         for start in range(0, num_data, batch_size):
-            jf = hessop.JacobianOperator(model, None, (x[start : start + batch_size], None), target="outputs", check_deterministic=False)
+            jf = hessop.JacobianOperator(
+                model, None, (x[start : start + batch_size], None), target="outputs", check_deterministic=False
+            )
             jt = jf.rmatmat(np.eye(jf.shape[0], dtype=jf.dtype))
             sj = np.asarray(cov.matmat(jt.astype(cov.dtype)), dtype=np.float64)
             jt3 = jt.reshape(-1, jt.shape[1] // CLASSES, CLASSES).astype(np.float64)
@@ -187,7 +194,13 @@ def predictive_table(num_data: int = 2048, batch_size: int = 256) -> str:
             ["route", "median s", "min s", "ratio of medians to hessop", "max rel. diff"],
             [
                 ["hessop.predictive_variance", round(h["median"], 3), round(h["min"], 3), 1.0, "-"],
-                ["per-chunk JacobianOperator + J.H @ I", round(o["median"], 3), round(o["min"], 3), round(o["median"] / h["median"], 1), f"{diff:.1e}"],
+                [
+                    "per-chunk JacobianOperator + J.H @ I",
+                    round(o["median"], 3),
+                    round(o["min"], 3),
+                    round(o["median"] / h["median"], 1),
+                    f"{diff:.1e}",
+                ],
             ],
         )
     )

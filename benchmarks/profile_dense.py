@@ -3,9 +3,9 @@
 Model as in ``bench_dense.py`` (MLP 64-64-10 tanh, N = 512, float32,
 P = 4,810). For each block width k and HVP mode, one vectorised block of k
 unit columns, run through the engine's own compiled block product over all
-variables (what ``to_dense`` called before session 13; it now calls the
-same product restricted to a part of the variables, whose first part here,
-the first layer, differs only in leaving out the second layer's tangent),
+variables (``to_dense`` calls the same product restricted to a part of the
+variables, whose first part here, the first layer, differs only in leaving
+out the second layer's tangent),
 is timed (median of repeats) and then profiled with
 ``tf.profiler.experimental``; the ops' durations are summed by kind:
 
@@ -35,8 +35,29 @@ import numpy as np
 from _common import machine_info, table
 from bench_dense import build
 
-MATMULS = {"MatMul", "BatchMatMul", "BatchMatMulV2", "_MklMatMul", "_MklBatchMatMulV2", "_MklNativeMatMul", "_MklNativeBatchMatMulV2"}
-COPIES = {"SplitV", "Split", "ConcatV2", "Reshape", "Transpose", "_MklTranspose", "Identity", "Pack", "Unpack", "Slice", "StridedSlice", "GatherV2"}
+MATMULS = {
+    "MatMul",
+    "BatchMatMul",
+    "BatchMatMulV2",
+    "_MklMatMul",
+    "_MklBatchMatMulV2",
+    "_MklNativeMatMul",
+    "_MklNativeBatchMatMulV2",
+}
+COPIES = {
+    "SplitV",
+    "Split",
+    "ConcatV2",
+    "Reshape",
+    "Transpose",
+    "_MklTranspose",
+    "Identity",
+    "Pack",
+    "Unpack",
+    "Slice",
+    "StridedSlice",
+    "GatherV2",
+}
 
 
 def matmul_flops(graph, library=None) -> int:
@@ -49,7 +70,7 @@ def matmul_flops(graph, library=None) -> int:
     total = 0
     for op in graph.get_operations():
         if op.type in ("PartitionedCall", "StatefulPartitionedCall"):
-            function = library._get_function(op.get_attr("f").name)  # noqa: SLF001 (the only way in)
+            function = library._get_function(op.get_attr("f").name)
             total += matmul_flops(function.graph, library)
             continue
         if op.type not in MATMULS:
@@ -122,17 +143,17 @@ def main() -> None:
 
             def block(xb, yb, vectors):
                 with pfor_rules():
-                    return tf.vectorized_map(lambda v: single(xb, yb, v), vectors)
+                    return tf.vectorized_map(lambda v: single(xb, yb, v), vectors)  # noqa: B023 - called within this iteration
 
-            spec = tf.TensorSpec([k, P], engine.dtype)
-            return tf.function(block).get_concrete_function(xt, yt, spec).graph
+            spec = tf.TensorSpec([k, P], engine.dtype)  # noqa: B023 - called within this iteration
+            return tf.function(block).get_concrete_function(xt, yt, spec).graph  # noqa: B023 - called within this iteration
 
         flops = {k: matmul_flops(static_block(k)) for k in args.widths}
         for k in args.widths:
             block = tf.constant(np.eye(P, dtype=engine.dtype.as_numpy_dtype)[:k])
 
             def run():
-                return block_product(xt, yt, block).numpy()
+                return block_product(xt, yt, block).numpy()  # noqa: B023 - called within this iteration
 
             for _ in range(3):  # trace, then the slower first runs
                 run()
@@ -181,7 +202,10 @@ def main() -> None:
     product = tf.function(lambda: tf.matmul(a, b))
     product()
     best = min(_timed(lambda: product().numpy()) for _ in range(30))
-    print(f"TF float32 matmul ({args.num_data} × 64)·(64 × 4096) here, best of 30: {2 * args.num_data * 64 * 64 * 64 / best / 1e9:.0f} GFLOP/s")
+    print(
+        f"TF float32 matmul ({args.num_data} × 64)·(64 × 4096) here, best of 30: "
+        f"{2 * args.num_data * 64 * 64 * 64 / best / 1e9:.0f} GFLOP/s"
+    )
 
 
 def _timed(fn) -> float:

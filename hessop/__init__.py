@@ -60,9 +60,9 @@ if TYPE_CHECKING:  # pragma: no cover
     from hessop.ggn import GGNOperator
     from hessop.hessian import HessianOperator
     from hessop.jacobian import JacobianOperator
+    from hessop.laplace import Laplace
     from hessop.lowrank import FullRankOperator, LowRankOperator, load
     from hessop.opg import OPGOperator, per_example_gradients
-    from hessop.laplace import Laplace
     from hessop.plot import plot_spectrum
     from hessop.stats import (
         CovarianceOperator,

@@ -48,7 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--batch-size", type=_positive_int, default=512, help="mini-batch size of the Hessian passes (default 512)")
     demo.add_argument("--trace-matvecs", type=_positive_int, default=60, help="Hutch++ products for the trace (default 60)")
     demo.add_argument("--lanczos", type=_positive_int, default=30, help="Lanczos steps for the spectral density (default 30)")
-    demo.add_argument("--output", type=_output_path, default="hessop-demo-spectrum.png", help="spectrum picture (default hessop-demo-spectrum.png)")
+    demo.add_argument(
+        "--output",
+        type=_output_path,
+        default="hessop-demo-spectrum.png",
+        help="spectrum picture (default hessop-demo-spectrum.png)",
+    )
     demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     return parser
 

@@ -19,11 +19,12 @@ from threadpoolctl import ThreadpoolController
 from tqdm.auto import tqdm
 
 from hessop._data import Batches, examples_in, slice_examples
-from hessop._distribute import Replicas, resolve_strategy
 from hessop._dense import DEFAULT_MAX_DENSE, dense_from_operator
+from hessop._distribute import Replicas, resolve_strategy
 from hessop._engine import _TRACE_ERRORS, Engine, check_parameter_paths, first_call_on_batch
-from hessop._losses import resolve_loss
 from hessop._kronecker import factors_function, find_dense_kernel, kernel_block
+from hessop._losses import resolve_loss
+from hessop._passes import FusedPasses
 from hessop._validation import check_finite_array, non_finite_rows, warn
 
 __all__ = ["DataPassOperator", "SymmetricDataPassOperator", "as_numpy_dtype"]
@@ -66,8 +67,8 @@ def _rows_tensor(rows: np.ndarray) -> tf.Tensor:
 
     Blocks come from scipy as (n, k) arrays in C order, so their rows are a
     strided (Fortran-order) view, which TensorFlow converts element by
-    element: 50 ms for P = 109,386 and k = 64 here, against 20 ms for
-    converting the (n, k) array as it lies and transposing it with a TF op.
+    element; converting the (n, k) array as it lies and transposing it with
+    a TF op is faster.
     """
     if rows.ndim == 2 and not rows.flags.c_contiguous and rows.T.flags.c_contiguous:
         return tf.transpose(tf.convert_to_tensor(rows.T))
@@ -146,11 +147,18 @@ class DataPassOperator(LinearOperator):
             # Timing modes would run outside the replicas; reverse mode always works there.
             self._engine.hvp_mode = "reverse"
         self._batches = Batches(data, batch_size)
+        # Whole passes in one compiled function where the data allows (arrays,
+        # Datasets) and no strategy splits the batches over replicas.
+        self._fused = FusedPasses(self._batches) if self._batches.fusable and self._replicas is None else None
         self.num_data: int = self._batches.num_data
         self.num_params: int = self._engine.num_params
         self.reduction = reduction
         self.progress = bool(progress)
         self._first_batch: tuple[Any, Any] | None = None
+        self.num_products = 0
+        self.num_passes = 0
+        # Callables told of each product's vector count (hessop._progress's bars).
+        self._product_listeners: list[Callable[[int], Any]] = []
         self._needs_per_example_loss = per_example_loss
         self._compute_dtype = self._engine.dtype
         dtype = as_numpy_dtype(dtype, self._compute_dtype.as_numpy_dtype)
@@ -199,6 +207,7 @@ class DataPassOperator(LinearOperator):
         (1.25, array([0.5, 1. ]))
         """
         total_loss, total_grad = 0.0, None
+        self._count_pass()
         for x, y in self._iter_batches("gradient"):
             loss, grad = self._engine.loss_and_gradient(x, y)
             total_loss += float(loss)
@@ -230,6 +239,7 @@ class DataPassOperator(LinearOperator):
 
         ``max_examples``: split larger batches into pieces of that many examples.
         """
+        self._count_pass()
         for x, y in self._iter_batches(what):
             size = examples_in(x)
             step = size if max_examples is None else max(1, max_examples)
@@ -240,6 +250,16 @@ class DataPassOperator(LinearOperator):
                     msg = f"{what}: a row is not finite (NaN or inf); check the model, loss and data."
                     raise ValueError(msg)
                 yield rows
+
+    def _count_pass(self, rows: tf.Tensor | None = None) -> None:
+        """Count one data pass, and the products of ``rows`` (a vector or a block of rows) if given."""
+        self.num_passes += 1
+        if rows is None:
+            return
+        products = 1 if rows.shape.rank == 1 else int(rows.shape[0])
+        self.num_products += products
+        for listener in self._product_listeners:
+            listener(products)
 
     def _per_batch(self, name: str, rows: tf.Tensor, part: tuple[int, ...] | None = None) -> Callable[..., tf.Tensor]:
         kind = _kind_of(rows)
@@ -263,10 +283,13 @@ class DataPassOperator(LinearOperator):
         """
         kind = _kind_of(rows)
         fn = self._per_batch(name, rows, part)
+        self._count_pass(rows)
+        output_size = self.shape[0] if part is None else self._part_rows(part)
         began = time.perf_counter()
         if self._replicas is not None:
-            output_size = None if part is None else self._part_rows(part)
-            total = self._replicas.summed(fn, self._sized_batches(), rows, output_size)
+            total = self._replicas.summed(fn, self._sized_batches(), rows, None if part is None else output_size)
+        elif self._fuses:
+            total = self._fused.summed(fn, rows, output_size)
         else:
             total = _sum_over_batches(fn, ((x, y, rows) for x, y in self._iter_batches(type(self).__name__)))
         if name == "hvp":
@@ -275,16 +298,27 @@ class DataPassOperator(LinearOperator):
             self._engine.record_hvp_seconds(kind, time.perf_counter() - began)
         return total if self.scale == 1.0 else total * tf.constant(self.scale, dtype=total.dtype)
 
+    @property
+    def _fuses(self) -> bool:
+        """Whether products run as fused passes (not with ``progress=True``, whose bars count batches)."""
+        return self._fused is not None and not self.progress
+
     def _stacked(self, name: str, rows: tf.Tensor) -> tf.Tensor:
         """Per-batch products concatenated in example order (along the last axis)."""
         fn = self._per_batch(name, rows)
+        self._count_pass(rows)
         if self._replicas is not None:
             return self._replicas.stacked(fn, self._sized_batches(), rows)
+        if self._fuses:
+            return self._fused.stacked(fn, rows)
         return tf.concat([fn(x, y, rows) for x, y in self._iter_batches(type(self).__name__)], axis=-1)
 
     def _sliced_sum(self, name: str, rows: tf.Tensor, rows_per_example: int) -> tf.Tensor:
         """Σ over batches of product ``name`` applied to each batch's slice of ``rows``."""
         fn = self._per_batch(name, rows)
+        self._count_pass(rows)
+        if self._fuses:
+            return self._fused.sliced_sum(fn, rows, rows_per_example, self.shape[1])
         pieces = tf.split(rows, [size * rows_per_example for size in self._batches.batch_sizes], axis=-1)
         if self._replicas is not None:
             batches = ((x, y, size, piece) for (x, y, size), piece in zip(self._sized_batches(), pieces))
@@ -349,11 +383,11 @@ class DataPassOperator(LinearOperator):
         for i, (x, y) in enumerate(self._batches):
             if check_data:
                 _check_finite_batch(i, x, y)
-            values = first_call_on_batch(lambda: self._engine.loss_values(x, y), i, x, y).numpy()
+            values = first_call_on_batch(functools.partial(self._engine.loss_values, x, y), i, x, y).numpy()
             size = examples_in(x)
             if values.ndim == 0:
                 if self._needs_per_example_loss:  # raises the engine's message for a scalar loss
-                    first_call_on_batch(lambda: self._engine.strict_loss_sum(x, y), i, x, y)
+                    first_call_on_batch(functools.partial(self._engine.strict_loss_sum, x, y), i, x, y)
                 value = float(values) * size
             elif values.shape[0] != size:
                 msg = (
@@ -442,8 +476,8 @@ class DataPassOperator(LinearOperator):
             raise ValueError(msg)
         return x
 
-    def _checked_block(self, X: Any, length: int) -> np.ndarray:  # noqa: N803
-        X = self._to_numpy_input(X, "X")  # noqa: N806
+    def _checked_block(self, X: Any, length: int) -> np.ndarray:
+        X = self._to_numpy_input(X, "X")
         if X.ndim != 2 or X.shape[0] != length:
             msg = f"X: expected shape ({length}, k), got {X.shape}."
             raise ValueError(msg)
@@ -452,13 +486,13 @@ class DataPassOperator(LinearOperator):
     def matvec(self, x: Any) -> np.ndarray:
         return super().matvec(self._checked_vector(x, self.shape[1]))
 
-    def matmat(self, X: Any) -> np.ndarray:  # noqa: N803 - scipy's name
+    def matmat(self, X: Any) -> np.ndarray:
         return super().matmat(self._checked_block(X, self.shape[1]))
 
     def rmatvec(self, x: Any) -> np.ndarray:
         return super().rmatvec(self._checked_vector(x, self.shape[0]))
 
-    def rmatmat(self, X: Any) -> np.ndarray:  # noqa: N803
+    def rmatmat(self, X: Any) -> np.ndarray:
         return super().rmatmat(self._checked_block(X, self.shape[0]))
 
     def _run(self, apply: Callable[[tf.Tensor], tf.Tensor], rows: np.ndarray) -> np.ndarray:
@@ -466,8 +500,8 @@ class DataPassOperator(LinearOperator):
 
         BLAS is held to one thread meanwhile: inside a solver (eigsh, cg) its
         worker threads keep spinning after the solver's vector operations and
-        compete with TensorFlow's threads (measured: a matvec 45% slower inside
-        eigsh than alone on 2 cores; see benchmarks/bench_eigsh.py).
+        compete with TensorFlow's threads (benchmarks/bench_eigsh.py compares a
+        matvec inside eigsh with one alone).
         """
         return self._run_rows(apply, _rows_tensor(np.asarray(rows, dtype=self._compute_dtype.as_numpy_dtype)))
 
@@ -490,8 +524,7 @@ class DataPassOperator(LinearOperator):
         (Symmetric operators return only the rows of their lower block
         triangle.) The unit vectors are made on the device (``tf.one_hot``)
         instead of converted from numpy: the rows layout of a numpy (n, k)
-        block is a strided view, and converting it cost 3.2 ms of a 34 ms
-        block product (P = 4,810, k = 128; see benchmarks/RESULTS.md).
+        block is a strided view, slow to convert.
         """
         rows = tf.one_hot(tf.range(first, stop), self.shape[1], dtype=self._compute_dtype)
         return self._run_rows(self._apply, rows)
@@ -516,16 +549,16 @@ class DataPassOperator(LinearOperator):
     def _matvec(self, x: np.ndarray) -> np.ndarray:
         return self._run(self._apply, np.reshape(x, -1))
 
-    def _matmat(self, X: np.ndarray) -> np.ndarray:  # noqa: N803
+    def _matmat(self, X: np.ndarray) -> np.ndarray:
         return self._block_product(self._apply, X, self.shape[0])
 
     def _rmatvec(self, x: np.ndarray) -> np.ndarray:
         return self._run(self._apply_adjoint, np.reshape(x, -1))
 
-    def _rmatmat(self, X: np.ndarray) -> np.ndarray:  # noqa: N803
+    def _rmatmat(self, X: np.ndarray) -> np.ndarray:
         return self._block_product(self._apply_adjoint, X, self.shape[1])
 
-    def _block_product(self, apply: Callable[[tf.Tensor], tf.Tensor], X: np.ndarray, num_rows: int) -> np.ndarray:  # noqa: N803
+    def _block_product(self, apply: Callable[[tf.Tensor], tf.Tensor], X: np.ndarray, num_rows: int) -> np.ndarray:
         if X.shape[1] == 0:  # as scipy's own operators do; TF's vectorised products fail on k = 0
             return np.zeros((num_rows, 0), dtype=self.dtype)
         if X.shape[1] == 1:  # the single-vector product, without vectorisation overhead
@@ -646,6 +679,7 @@ class SymmetricDataPassOperator(DataPassOperator):
         if dense_kernel is None:
             return None
         try:
+            self._count_pass()
             block = kernel_block(self._iter_batches("kernel block"), self._kernel_factors, dense_kernel, self.scale)
         except _TRACE_ERRORS:
             self._dense_kernel = None  # e.g. per-example curvatures pfor cannot build: the products still can

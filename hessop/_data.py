@@ -58,21 +58,26 @@ def _to_tensors(structure: Any) -> Any:
     return tf.nest.map_structure(tf.convert_to_tensor, structure)
 
 
+def _shape(value: Any) -> tuple[int | None, ...]:
+    # Tensors inside a graph (a fused pass over a Dataset) have no numpy shape.
+    return tuple(value.shape) if hasattr(value, "shape") else np.shape(value)
+
+
 def _weighted(y: Any, sample_weight: Any, where: str) -> WeightedTargets:
     """Targets with Keras-style sample weights, one per example."""
     if y is None:
         msg = f"{where}: sample weights weight the loss, which needs targets; got y=None."
         raise ValueError(msg)
     leaves = _leaves(sample_weight)
-    shape = tuple(np.shape(leaves[0])) if len(leaves) == 1 else ()
+    shape = _shape(leaves[0]) if len(leaves) == 1 else ()
     if len(shape) not in (1, 2) or shape[1:] not in ((), (1,)):
-        shapes = [tuple(np.shape(leaf)) for leaf in leaves]
+        shapes = [_shape(leaf) for leaf in leaves]
         msg = f"{where}: sample_weight must be one array of shape (N,) or (N, 1), one weight per example; got {shapes}."
         raise ValueError(msg)
     return WeightedTargets(y, leaves[0])
 
 
-def _split_pair(element: Any, where: str) -> tuple[Any, Any]:
+def split_pair(element: Any, where: str) -> tuple[Any, Any]:
     if isinstance(element, Mapping):
         msg = (
             f"{where}: each batch must be a pair (x, y), got a dict with keys {sorted(map(str, element))}; "
@@ -121,6 +126,11 @@ class Batches:
                 msg = f"batch_size: expected a positive int, got {batch_size}."
                 raise ValueError(msg)
         self.is_static = False
+        # In-memory arrays (x, y) with their batch size, or a Dataset: the data
+        # that fused passes (hessop._passes) read inside one compiled function.
+        self.arrays: tuple[Any, Any] | None = None
+        self.batch_size: int | None = None
+        self.dataset: tf.data.Dataset | None = None
         # A 2-tuple is always (x, y) arrays; batches come as a list, a Dataset or
         # another re-iterable, so ((x1, y1), (x2, y2)) must be a list to mean batches.
         if isinstance(data, tuple) and len(data) == 2:
@@ -134,6 +144,7 @@ class Batches:
                 raise ValueError(msg)
             _check_dataset(data)
             self._source = data
+            self.dataset = data
             self._count()
         elif isinstance(data, tuple) and data and all(isinstance(item, np.ndarray) or tf.is_tensor(item) for item in data):
             # Not batches: a tuple of arrays other than (x, y) or (x, y, sample_weight).
@@ -173,12 +184,10 @@ class Batches:
             msg = "data: empty data (0 examples)."
             raise ValueError(msg)
         batch_size = num_data if batch_size is None else min(int(batch_size), num_data)
-        self._batches = []
-        for start in range(0, num_data, batch_size):
-            stop = min(start + batch_size, num_data)
-            xb = tf.nest.map_structure(lambda a: a[start:stop], x)
-            yb = None if y is None else tf.nest.map_structure(lambda a: a[start:stop], y)
-            self._batches.append((_to_tensors(xb), None if yb is None else _to_tensors(yb)))
+        self.arrays = (_to_tensors(x), None if y is None else _to_tensors(y))
+        self.batch_size = batch_size
+        # Slices along the first axis share the arrays' memory.
+        self._batches = [slice_examples(*self.arrays, start, start + batch_size) for start in range(0, num_data, batch_size)]
         self.batch_sizes = [min(batch_size, num_data - s) for s in range(0, num_data, batch_size)]
         self.num_data = num_data
         self.is_static = True  # arrays cannot change between passes
@@ -186,7 +195,7 @@ class Batches:
     def _count(self) -> None:
         sizes = []
         for i, element in enumerate(self._source):
-            x, y = _split_pair(element, f"data (batch {i})")
+            x, y = split_pair(element, f"data (batch {i})")
             sizes.append(_batch_size(x, y, f"data (batch {i})"))
         if not sizes or sum(sizes) == 0:
             msg = "data: empty data (no batches or 0 examples)."
@@ -196,6 +205,11 @@ class Batches:
 
     # -- iteration ----------------------------------------------------------
     @property
+    def fusable(self) -> bool:
+        """Whether a whole pass can run inside one compiled function (arrays and Datasets)."""
+        return self.is_static or self.dataset is not None
+
+    @property
     def num_batches(self) -> int:
         return len(self.batch_sizes)
 
@@ -204,7 +218,7 @@ class Batches:
             yield from self._batches
             return
         for i, element in enumerate(self._source):
-            x, y = _split_pair(element, f"data (batch {i})")
+            x, y = split_pair(element, f"data (batch {i})")
             yield _to_tensors(x), (None if y is None else _to_tensors(y))
 
     def fingerprint(self) -> list[tuple[int, float]]:

@@ -15,14 +15,11 @@ __all__ = ["DEFAULT_MAX_DENSE", "TRIAL_BLOCK_SIZES", "column_parts", "dense_from
 DEFAULT_MAX_DENSE = 10_000
 
 # Block widths tried, narrowest first, on the first columns when no block
-# size is given. The best width depends on the model and the machine: for the
-# Hessian of an MLP 64-64-10 on 512 examples, 256 and 512 columns cost 11-19 %
-# less a column than 128 on one machine, and 32 columns less than 128 on
-# another (see the dense Hessian section of benchmarks/RESULTS.md).
+# size is given. The best width depends on the model and the machine, so it is
+# measured (benchmarks/bench_dense.py shows the spread).
 TRIAL_BLOCK_SIZES = (16, 32, 64, 128, 256, 512)
-# A block's memory grows with its width times a batch's activations: a small
-# CNN (P = 2,650, 512 examples a batch) took 3.5, 6.9 and 12.6 GiB at 16, 32
-# and 64 columns, and 128 killed the process on a 24 GiB machine. So a wider
+# A block's memory grows with its width times a batch's activations: for a
+# CNN with large batches, a wide block can exhaust the machine. So a wider
 # trial runs only if the last one's peak memory, scaled to the new width,
 # fits in this share of the memory available when the trials began...
 _MEMORY_SHARE = 0.5
@@ -130,9 +127,7 @@ def _fill_block(op: Any, dense: np.ndarray, start: int, width: int, known: tuple
     return _skip_known(stop, known)
 
 
-def _known_rows_product(
-    op: Any, start: int, stop: int, known: tuple[int, int]
-) -> tuple[np.ndarray, tuple[int, np.ndarray]]:
+def _known_rows_product(op: Any, start: int, stop: int, known: tuple[int, int]) -> tuple[np.ndarray, tuple[int, np.ndarray]]:
     """``(op[known rows, start:stop], (r, op[r:, start:stop]))`` for a part starting at r after the known block."""
     rows = op._lower_block_rows(start, stop, known_rows=known).T
     size = known[1] - known[0]

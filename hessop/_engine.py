@@ -73,10 +73,10 @@ _MODE_TIMING_ROUNDS = (5, 15)
 _MODE_TIMING_SECONDS = 0.25
 # ...but only once reverse-over-reverse products of that kind (vector or
 # block) have taken this many times as long as tracing the reverse product
-# did. Tracing the forward product costs 1.5-2.0 x that (MLP, CNN, 7-layer MLP
-# here), so a short computation (a one-off to_dense, an eigsh of a few dozen
-# matvecs) does not pay for a graph it may not keep, and a long one loses at
-# most the modes' difference (7-28 % here) over this much work.
+# did. Tracing the forward product costs more than that, so a short
+# computation (a one-off to_dense, an eigsh of a few dozen matvecs) does not
+# pay for a graph it may not keep, and a long one loses at most the modes'
+# difference over this much work.
 _MODE_SEARCH_AFTER = 4.0
 # Products whose vector has one entry per example (or per output) of the batch.
 _PER_EXAMPLE_INPUTS = frozenset({"vjp_loss", "vjp_outputs"})
@@ -85,7 +85,7 @@ _SYMMETRIC_PRODUCTS = frozenset({"hvp_forward", "hvp_reverse", "opg", "ggn"})
 # `variable_parts`: a new part begins at a variable of at least this many
 # entries once the current part has as many, where the count is the larger
 # of _MIN_PART_SIZE and P / _MAX_PARTS. Each part is a graph of its own to
-# trace (0.2-0.5 s for a vectorised block of a small MLP), so tiny variables
+# trace (a vectorised block traces slowly), so tiny variables
 # (biases, norms) join their neighbours instead of starting parts.
 _MIN_PART_SIZE = 64
 _MAX_PARTS = 16
@@ -95,7 +95,7 @@ _MAX_PARTS = 16
 _TRACE_ERRORS = (NotImplementedError, LookupError, TypeError, ValueError)
 
 
-def _unknown_axes(value: Any, axes: Sequence[int]) -> tf.TensorSpec | None:
+def unknown_axes(value: Any, axes: Sequence[int]) -> tf.TensorSpec | None:
     """The TensorSpec of ``value`` with ``axes`` unknown (None stays None: no labels)."""
     if value is None:
         return None
@@ -276,13 +276,12 @@ class _TracedOnce:
         if not tf.executing_eagerly():
             return self._function(x, y, *vector)
         if self._concrete is None:
-            specs = [tf.nest.map_structure(lambda t: _unknown_axes(t, [0]), part) for part in (x, y)]
-            specs += [_unknown_axes(v, self._vector_axes) for v in vector]
+            specs = [tf.nest.map_structure(lambda t: unknown_axes(t, [0]), part) for part in (x, y)]
+            specs += [unknown_axes(v, self._vector_axes) for v in vector]
             self._concrete = self._function.get_concrete_function(*specs)
             self._signature = [None if spec is None else (spec.dtype, tuple(spec.shape)) for spec in tf.nest.flatten(specs)]
-        # Calling the concrete function skips tf.function's signature matching:
-        # 188 against 238 µs a call on a trivial graph here, 0.2 ms of a
-        # 4-batch matvec of 7-9 ms. It does not check shapes itself (a tensor
+        # Calling the concrete function skips tf.function's signature matching
+        # on every call. It does not check shapes itself (a tensor
         # of another shape runs through the graph traced for the first), so
         # inputs outside the first trace (a padded sequence batch of another
         # length, say) go to tf.function, which traces again for them.
@@ -508,8 +507,7 @@ class Engine:
             if kind == "single":
                 # Traced with exactly (x, y, vector): a concrete function whose
                 # signature also holds an unfilled default (the methods'
-                # part=None) took 0.6 ms longer a call on a trivial graph and
-                # 2-4 ms longer on a 512-example HVP batch of 3-5 ms (TF 2.21).
+                # part=None) is slower to call.
                 def fn(x: Any, y: Any, vector: tf.Tensor) -> tf.Tensor:
                     return single(x, y, vector)
 
@@ -874,8 +872,7 @@ class Engine:
     # One derivative per example, vectorised over the batch's examples, each
     # run as a batch of one. Not tape.jacobian of the whole batch's losses:
     # pfor runs that as B backward passes through all B examples, O(B²) time
-    # and memory (a 4,096-example batch of an MLP 64-64-10: 4.8 s and 13 GB for
-    # a 75 MB result, against 0.08 s and 0.3 GB; benchmarks/bench_per_example.py).
+    # and memory (benchmarks/bench_per_example.py).
     # Examples are independent, as everywhere in hessop: the same curvature
     # comes from any batch size.
     def _per_example(self, what: str, single: Callable[[Any, Any], tf.Tensor], x: Any, y: Any) -> tf.Tensor:

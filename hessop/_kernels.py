@@ -41,7 +41,7 @@ _MAX_CHUNKS = 32
 
 
 @njit(cache=True, parallel=True, fastmath={"reassoc", "contract"})
-def _project_vector(Q, x, out):  # noqa: N803
+def _project_vector(Q, x, out):
     """out[:K] += Qᵀx, out[K] += xᵀx for one vector; K contiguous so the k-loop vectorises."""
     P, K = Q.shape
     # A fixed chunk count (not the thread count, which would make the function
@@ -71,7 +71,7 @@ _tile_narrow = outer_product_tile(TILE_ROWS, 1)
 
 
 @njit(cache=True)
-def _tile_columns(A, a_off, a_step, a_row, B, count, acc, c_off, m_pad):  # noqa: N803
+def _tile_columns(A, a_off, a_step, a_row, B, count, acc, c_off, m_pad):
     """acc[c_off + r m_pad + j] += Σ_t A[a_off + t a_step + r a_row] B[t m_pad + j], r < TILE_ROWS, j < m_pad.
 
     Two-vector tiles across the m_pad columns (a multiple of VECTOR_WIDTH), and
@@ -86,7 +86,7 @@ def _tile_columns(A, a_off, a_step, a_row, B, count, acc, c_off, m_pad):  # noqa
 
 
 @njit(cache=True, parallel=True)
-def _project_block(Q, X, out):  # noqa: N803
+def _project_block(Q, X, out):
     """out[:K] += QᵀX, out[K] += column sums of X² for a (P, m) block.
 
     Each thread takes contiguous chunks of rows; for every 16 rows it converts
@@ -98,7 +98,7 @@ def _project_block(Q, X, out):  # noqa: N803
     m = X.shape[1]
     rows = _PROJECT_ROWS
     k_tile = TILE_ROWS
-    K_pad = (K + k_tile - 1) // k_tile * k_tile  # noqa: N806
+    K_pad = (K + k_tile - 1) // k_tile * k_tile
     m_pad = (m + VECTOR_WIDTH - 1) // VECTOR_WIDTH * VECTOR_WIDTH
     n_chunks = min(_MAX_CHUNKS, max(1, P // 4096))
     chunk = (P + n_chunks - 1) // n_chunks
@@ -117,9 +117,8 @@ def _project_block(Q, X, out):  # noqa: N803
                     q[s * K_pad + k] = Q[i + s, k]
                 for j in range(m):
                     x[s * m_pad + j] = X[i + s, j]
-            # Squares from the float64 copy, in a loop of their own: accumulated
-            # inside the copy above, the kernel took 14.5 ms instead of 11.8
-            # (P = 10⁶, K = 50, m = 16).
+            # Squares from the float64 copy, in a loop of their own: accumulating
+            # them inside the copy above made the kernel slower.
             for s in range(n):
                 for j in range(m_pad):
                     squares[j] += x[s * m_pad + j] * x[s * m_pad + j]
@@ -136,7 +135,7 @@ def _project_block(Q, X, out):  # noqa: N803
 
 
 @njit(cache=True, parallel=True, fastmath={"reassoc", "contract"})
-def _expand_vector(Q, c, x, tail, out):  # noqa: N803
+def _expand_vector(Q, c, x, tail, out):
     """out = Q c + tail x for one vector: a float64 dot product per row."""
     P, K = Q.shape
     for i in prange(P):
@@ -147,7 +146,7 @@ def _expand_vector(Q, c, x, tail, out):  # noqa: N803
 
 
 @njit(cache=True, parallel=True)
-def _expand_block(Q, C, X, tail, out):  # noqa: N803
+def _expand_block(Q, C, X, tail, out):
     """out = Q C + tail X for a (P, m) block.
 
     ``C`` is float64, (K, m_pad) with m_pad = m rounded up to a multiple of
@@ -160,7 +159,7 @@ def _expand_block(Q, C, X, tail, out):  # noqa: N803
     m = X.shape[1]
     m_pad = C.shape[1]
     rows = TILE_ROWS
-    C_flat = C.ravel()  # noqa: N806
+    C_flat = C.ravel()
     n_chunks = max(1, P // 1024)
     chunk = ((P + n_chunks - 1) // n_chunks + rows - 1) // rows * rows
     for t in prange(n_chunks):
@@ -183,25 +182,25 @@ def _expand_block(Q, C, X, tail, out):  # noqa: N803
                         out[i + r, j] = acc[r * m_pad + j]
 
 
-def _project_numba(Q, X, out):  # noqa: N803
+def _project_numba(Q, X, out):
     if X.shape[1] == 1:
         _project_vector(Q, X[:, 0], out[:, 0])
     else:
         _project_block(Q, X, out)
 
 
-def _expand_numba(Q, C, X, tail, out):  # noqa: N803
+def _expand_numba(Q, C, X, tail, out):
     m = X.shape[1]
     if m == 1:
         _expand_vector(Q, np.ascontiguousarray(C[:, 0]), X[:, 0], tail, out[:, 0])
     else:
-        C_padded = np.zeros((C.shape[0], (m + VECTOR_WIDTH - 1) // VECTOR_WIDTH * VECTOR_WIDTH))  # noqa: N806
+        C_padded = np.zeros((C.shape[0], (m + VECTOR_WIDTH - 1) // VECTOR_WIDTH * VECTOR_WIDTH))
         C_padded[:, :m] = C
         _expand_block(Q, C_padded, X, tail, out)
 
 
 @njit(cache=True, parallel=True, fastmath={"reassoc", "contract"})
-def _diagonal_numba(Q, shifted, tail, out):  # noqa: N803
+def _diagonal_numba(Q, shifted, tail, out):
     P, K = Q.shape
     for i in prange(P):
         value = tail
@@ -212,18 +211,18 @@ def _diagonal_numba(Q, shifted, tail, out):  # noqa: N803
 
 
 # -- numpy twins ---------------------------------------------------------------------
-def _project_numpy(Q, X, out):  # noqa: N803
-    Q64, X64 = Q.astype(np.float64, copy=False), X.astype(np.float64, copy=False)  # noqa: N806
+def _project_numpy(Q, X, out):
+    Q64, X64 = Q.astype(np.float64, copy=False), X.astype(np.float64, copy=False)
     out[:-1] += Q64.T @ X64
     out[-1] += np.einsum("ij,ij->j", X64, X64)
 
 
-def _expand_numpy(Q, C, X, tail, out):  # noqa: N803
+def _expand_numpy(Q, C, X, tail, out):
     out[...] = Q.astype(np.float64, copy=False) @ C + tail * X.astype(np.float64, copy=False)
 
 
-def _diagonal_numpy(Q, shifted, tail, out):  # noqa: N803
-    Q64 = Q.astype(np.float64, copy=False)  # noqa: N806
+def _diagonal_numpy(Q, shifted, tail, out):
+    Q64 = Q.astype(np.float64, copy=False)
     out[...] = tail + (Q64 * Q64) @ shifted
 
 
@@ -234,7 +233,7 @@ KERNELS = {
 
 
 # -- the three operations, in terms of the kernels --------------------------------------
-def project(engine: str, Q: np.ndarray, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # noqa: N803
+def project(engine: str, Q: np.ndarray, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(Qᵀ X, column sums of X²) in float64, one pass over Q."""
     out = np.zeros((Q.shape[1] + 1, X.shape[1]))
     KERNELS[engine]["project"](Q, X, out)
@@ -245,7 +244,7 @@ def project(engine: str, Q: np.ndarray, X: np.ndarray) -> tuple[np.ndarray, np.n
 # projection computes anyway: a non-finite entry of X makes its column's sum
 # non-finite, so callers can validate X without another pass over it (and the
 # numpy twins are kept quiet about the NaN they will be asked to refuse).
-def apply(engine: str, Q: np.ndarray, shifted: np.ndarray, tail: float, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # noqa: N803
+def apply(engine: str, Q: np.ndarray, shifted: np.ndarray, tail: float, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(A X, column sums of X²) for A = Q diag(shifted + tail) Qᵀ + tail (I − QQᵀ); X is (P, m)."""
     with np.errstate(invalid="ignore", over="ignore"):
         coefficients, squared_norms = project(engine, Q, X)
@@ -255,14 +254,14 @@ def apply(engine: str, Q: np.ndarray, shifted: np.ndarray, tail: float, X: np.nd
     return out, squared_norms
 
 
-def quadratic_form(engine: str, Q: np.ndarray, shifted: np.ndarray, tail: float, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # noqa: N803
+def quadratic_form(engine: str, Q: np.ndarray, shifted: np.ndarray, tail: float, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(xᵀAx for each column x of X, column sums of X²), one pass over Q."""
     with np.errstate(invalid="ignore", over="ignore"):
         coefficients, squared_norms = project(engine, Q, X)
         return shifted @ (coefficients * coefficients) + tail * squared_norms, squared_norms
 
 
-def diagonal(engine: str, Q: np.ndarray, shifted: np.ndarray, tail: float) -> np.ndarray:  # noqa: N803
+def diagonal(engine: str, Q: np.ndarray, shifted: np.ndarray, tail: float) -> np.ndarray:
     out = np.empty(Q.shape[0])
     KERNELS[engine]["diagonal"](Q, shifted, float(tail), out)
     return out

@@ -149,7 +149,9 @@ def factors_function(engine: Any, dense_kernel: DenseKernel, curvature: str) -> 
             with tf.GradientTape() as inner:
                 inner.watch(fixed)
                 loss = tf.reduce_sum(engine._per_example_loss(xn, yn, fixed))
-            gradient = tf.concat([tf.reshape(g, [-1]) for g in tf.nest.flatten(inner.gradient(loss, fixed, unconnected_gradients=_ZERO))], 0)
+            gradient = tf.concat(
+                [tf.reshape(g, [-1]) for g in tf.nest.flatten(inner.gradient(loss, fixed, unconnected_gradients=_ZERO))], 0
+            )
         blocks = outer.jacobian(gradient, tf.nest.flatten(fixed), unconnected_gradients=_ZERO, experimental_use_pfor=True)
         output_hessian = tf.concat([tf.reshape(b, (tf.shape(gradient)[0], -1)) for b in blocks], axis=1)  # (C, C)
         return tf.matmul(output_jacobian, tf.matmul(output_hessian, output_jacobian), transpose_a=True)

@@ -6,9 +6,8 @@ one operand stacked over the k vectors into one wide matmul, which needs
 the stacked operand moved to the middle axis and the result moved back:
 two full copies of a (k, N, h) tensor whenever the stacked operand is ``b``,
 or is ``a`` with ``transpose_a``. In a block HVP that is the second pass
-through every dense layer; for the MLP 784-128-64-10 of ``bench_block.py``
-the transposes took 20 of 83 ms of op time for a block of 10, about as much
-as a quarter of the matmuls themselves. A broadcasting batched matmul
+through every dense layer, where the transposes cost a sizeable share of
+the matmuls themselves (``bench_block.py``). A broadcasting batched matmul
 (``BatchMatMulV2``) reads the stacked operand where it lies. And pfor's
 rule for ``BatchMatMulV2`` runs row-times-column products (as in TF's
 second derivative of softmax cross-entropy) as k·N tiny matmuls; they are
@@ -101,9 +100,8 @@ def _batch_matmul_rule(pfor_input: Any) -> Any:
     if x_rows != 1 or y_cols != 1:
         return _TF_BATCH_MATMUL(pfor_input)
     # Row times column, e.g. in the second derivative of softmax
-    # cross-entropy (TF's gradient of its own gradient): MKL's batched matmul
-    # took 2.3 of 18 ms of op time for the k·N products of 1×10 by 10×1 in a
-    # block of 64 HVPs; a product and a sum are two elementwise passes.
+    # cross-entropy (TF's gradient of its own gradient): a batched matmul of
+    # k·N tiny products is slow; a product and a sum are two elementwise passes.
     pfor_input.expanddim_inputs_for_broadcast()
     x_vector = tf.squeeze(pfor_input.input(0)[0], -1 if adj_x else -2)
     y_vector = tf.squeeze(pfor_input.input(1)[0], -2 if adj_y else -1)

@@ -35,7 +35,7 @@ def _target_features() -> str:
         from numba.core.registry import cpu_target
 
         return str(cpu_target.target_context.codegen()._tm_features)
-    except Exception:  # noqa: BLE001  (private attribute: fall back to the host)
+    except Exception:
         return llvmlite.binding.get_host_cpu_features().flatten()
 
 
@@ -48,7 +48,7 @@ VECTOR_WIDTH = 8 if _HAS_AVX512 else 4
 TILE_ROWS = 8 if _HAS_AVX512 else 4
 
 
-def outer_product_tile(rows: int, vectors: int):  # noqa: ANN201  (a numba intrinsic)
+def outer_product_tile(rows: int, vectors: int):
     """A numba intrinsic ``tile(A, a_off, a_step, a_row, B, b_off, b_step, count, acc, c_off, c_row)``.
 
     Inside a jitted function it does, with ``W = VECTOR_WIDTH``::
@@ -86,19 +86,17 @@ def outer_product_tile(rows: int, vectors: int):  # noqa: ANN201  (a numba intri
     float_array = types.Array(types.float64, 1, "C")
 
     @intrinsic
-    def tile(typingctx, A, a_off, a_step, a_row, B, b_off, b_step, count, acc, c_off, c_row):  # noqa: ANN001, ANN202, ARG001, N803
+    def tile(typingctx, A, a_off, a_step, a_row, B, b_off, b_step, count, acc, c_off, c_row):
         if not all(arg == float_array for arg in (A, B, acc)):
             return None  # numba reports a typing error naming the argument types
         index = types.intp
         signature = types.void(A, index, index, index, B, index, index, index, acc, index, index)
 
-        def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
+        def codegen(context, builder, sig, args):
             a, a_off, a_step, a_row, b, b_off, b_step, count, c, c_off, c_row = args
             intp = context.get_value_type(types.intp)
             vector = ir.VectorType(ir.DoubleType(), width)
-            fma = cgutils.get_or_insert_function(
-                builder.module, ir.FunctionType(vector, [vector] * 3), f"llvm.fma.v{width}f64"
-            )
+            fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vector, [vector] * 3), f"llvm.fma.v{width}f64")
             a_data, b_data, c_data = (
                 context.make_array(sig.args[i])(context, builder, value).data for i, value in ((0, a), (4, b), (8, c))
             )
@@ -106,14 +104,17 @@ def outer_product_tile(rows: int, vectors: int):  # noqa: ANN201  (a numba intri
             def const(value: int) -> ir.Constant:
                 return ir.Constant(intp, value)
 
-            def vector_pointer(data, offset):  # noqa: ANN001, ANN202
+            def vector_pointer(data, offset):
                 return builder.bitcast(builder.gep(data, [offset]), vector.as_pointer())
 
-            def accumulator_offset(r: int, v: int):  # noqa: ANN202
+            def accumulator_offset(r: int, v: int):
                 return builder.add(c_off, builder.add(builder.mul(const(r), c_row), const(v * width)))
 
             # Unaligned vector accesses (align 8): the offsets are arbitrary multiples of a double.
-            initial = [[builder.load(vector_pointer(c_data, accumulator_offset(r, v)), align=8) for v in range(vectors)] for r in range(rows)]
+            initial = [
+                [builder.load(vector_pointer(c_data, accumulator_offset(r, v)), align=8) for v in range(vectors)]
+                for r in range(rows)
+            ]
             entry = builder.basic_block
             loop = builder.append_basic_block("tile.loop")
             done = builder.append_basic_block("tile.done")
@@ -124,7 +125,9 @@ def outer_product_tile(rows: int, vectors: int):  # noqa: ANN201  (a numba intri
             running = [[builder.phi(vector) for _ in range(vectors)] for _ in range(rows)]
             a_base = builder.add(a_off, builder.mul(step, a_step))
             b_base = builder.add(b_off, builder.mul(step, b_step))
-            b_vectors = [builder.load(vector_pointer(b_data, builder.add(b_base, const(v * width))), align=8) for v in range(vectors)]
+            b_vectors = [
+                builder.load(vector_pointer(b_data, builder.add(b_base, const(v * width))), align=8) for v in range(vectors)
+            ]
             splat_mask = ir.Constant(ir.VectorType(ir.IntType(32), width), [0] * width)
             undefined = ir.Constant(vector, ir.Undefined)
             updated = []

@@ -55,12 +55,12 @@ def block_cg(
     """
     rhs = np.asarray(rhs, dtype=np.float64)
     vector = rhs.ndim == 1
-    B = rhs.reshape(rhs.shape[0], -1)  # noqa: N806
+    B = rhs.reshape(rhs.shape[0], -1)
     size, width = B.shape
     maxiter = 10 * size if maxiter is None else int(maxiter)
-    X = np.zeros_like(B)  # noqa: N806
-    R = B.copy()  # noqa: N806
-    Pd = R.copy()  # noqa: N806
+    X = np.zeros_like(B)
+    R = B.copy()
+    Pd = R.copy()
     rr = np.einsum("ij,ij->j", R, R)
     targets = (rtol * np.linalg.norm(B, axis=0)) ** 2
     active = rr > targets
@@ -68,7 +68,7 @@ def block_cg(
         if not active.any():
             break
         idx = np.flatnonzero(active)
-        AP = np.asarray(op.matmat(Pd[:, idx].astype(op.dtype)), dtype=np.float64)  # noqa: N806
+        AP = np.asarray(op.matmat(Pd[:, idx].astype(op.dtype)), dtype=np.float64)
         curvature = np.einsum("ij,ij->j", Pd[:, idx], AP)
         # Relative zero test pᵀAp ≤ ε‖p‖‖Ap‖, independent of units.
         if np.any(curvature <= 1e-14 * np.linalg.norm(Pd[:, idx], axis=0) * np.linalg.norm(AP, axis=0)):
@@ -87,4 +87,3 @@ def block_cg(
             msg = f"{name}: CG did not reach rtol={rtol} in {maxiter} iterations for {int(active.sum())} column(s)."
             raise ValueError(msg)
     return X[:, 0] if vector else X
-

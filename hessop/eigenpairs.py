@@ -9,6 +9,7 @@ import scipy.linalg
 import scipy.sparse.linalg as sla
 
 from hessop._dense import DEFAULT_MAX_DENSE, dense_from_operator
+from hessop._progress import check_progress, product_progress
 from hessop._validation import check_positive_int, check_symmetric
 
 __all__ = ["eigen", "low_rank", "full_rank", "check_k"]
@@ -40,6 +41,7 @@ def eigen(
     power_iterations: int = 4,
     tol: float = 0.0,
     seed: int | None = 0,
+    progress: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     r"""Top eigenpairs of a symmetric operator (H, G, GGN or any LinearOperator).
 
@@ -71,6 +73,9 @@ def eigen(
         ``eigsh`` tolerance (0: machine precision).
     seed : int or None
         Seed for the Lanczos start vector or the random test matrix.
+    progress : bool
+        Show one progress bar counting the operator's products (for hessop's
+        data-pass operators; `low_rank` and `full_rank` pass it on).
 
     Returns
     -------
@@ -128,15 +133,16 @@ def eigen(
     if isinstance(tol, bool) or not isinstance(tol, (int, float, np.floating, np.integer)) or not np.isfinite(tol) or tol < 0:
         msg = f"tol: expected a finite number >= 0 (0 means machine precision), got {tol!r}."
         raise ValueError(msg)
-    if method == "ipca":
-        return _eigen_incremental_svd(op, k, which=which, oversample=oversample)
-    rng = np.random.default_rng(seed)
-    if method == "randomized":
-        return _eigen_randomized(op, k, oversample=oversample, power_iterations=power_iterations, rng=rng)
-    v0 = rng.standard_normal(shape[0]).astype(op.dtype, copy=False)
-    values, vectors = sla.eigsh(op, k=k, which=which, tol=tol, v0=v0)
-    order = np.argsort(values)[::-1]
-    return values[order], vectors[:, order]
+    with product_progress(op, "eigen", enabled=check_progress(progress)):
+        if method == "ipca":
+            return _eigen_incremental_svd(op, k, which=which, oversample=oversample)
+        rng = np.random.default_rng(seed)
+        if method == "randomized":
+            return _eigen_randomized(op, k, oversample=oversample, power_iterations=power_iterations, rng=rng)
+        v0 = rng.standard_normal(shape[0]).astype(op.dtype, copy=False)
+        values, vectors = sla.eigsh(op, k=k, which=which, tol=tol, v0=v0)
+        order = np.argsort(values)[::-1]
+        return values[order], vectors[:, order]
 
 
 def _eigen_incremental_svd(op: Any, k: int, *, which: str, oversample: int) -> tuple[np.ndarray, np.ndarray]:
@@ -167,7 +173,9 @@ def _eigen_incremental_svd(op: Any, k: int, *, which: str, oversample: int) -> t
     return eigenvalues.astype(op.dtype), right[:k].T.astype(op.dtype)
 
 
-def _eigen_randomized(op: Any, k: int, *, oversample: int, power_iterations: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def _eigen_randomized(
+    op: Any, k: int, *, oversample: int, power_iterations: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     """Halko-Martinsson-Tropp randomized eigendecomposition of a symmetric operator."""
     size = op.shape[0]
     width = min(size, k + oversample)

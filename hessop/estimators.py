@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from hessop._dense import DEFAULT_MAX_DENSE, column_parts, lower_block_product
+from hessop._progress import check_progress, product_progress
 from hessop._validation import check_positive_int
 
 __all__ = ["trace", "diagonal", "row_sums", "spectral_density", "SpectralDensity"]
@@ -43,6 +44,7 @@ def trace(
     num_matvecs: int = 60,
     seed: int | None = 0,
     block_size: int = 32,
+    progress: bool = False,
 ) -> float:
     r"""Stochastic estimate of tr(A) from ``num_matvecs`` products.
 
@@ -61,6 +63,9 @@ def trace(
         Random seed.
     block_size : int
         Vectors per ``matmat`` (per data pass for hessop operators).
+    progress : bool
+        Show one progress bar counting the operator's products (hessop's
+        data-pass operators).
 
     Returns
     -------
@@ -81,20 +86,22 @@ def trace(
     size = _square_size(op)
     num_matvecs = check_positive_int(num_matvecs, "num_matvecs", 3 if method == "hutch++" else 1)
     block_size = check_positive_int(block_size, "block_size")
-    rng = np.random.default_rng(seed)
-    dtype = np.float64
-    if method == "hutchinson":
-        probes = _rademacher(rng, size, num_matvecs, dtype)
-        return float(np.einsum("ij,ij->", probes, _block_apply(op, probes, block_size)) / num_matvecs)
-    sketch_size = min((num_matvecs + 2) // 3, size)
-    residual_probes = max(num_matvecs - 2 * sketch_size, 0)
-    basis = np.linalg.qr(_block_apply(op, _rademacher(rng, size, sketch_size, dtype), block_size))[0]
-    estimate = float(np.einsum("ij,ij->", basis, _block_apply(op, basis, block_size)))
-    if residual_probes:
-        probes = _rademacher(rng, size, residual_probes, dtype)
-        probes -= basis @ (basis.T @ probes)
-        estimate += float(np.einsum("ij,ij->", probes, _block_apply(op, probes, block_size)) / residual_probes)
-    return estimate
+    progress = check_progress(progress)
+    with product_progress(op, "trace", total=num_matvecs, enabled=progress):
+        rng = np.random.default_rng(seed)
+        dtype = np.float64
+        if method == "hutchinson":
+            probes = _rademacher(rng, size, num_matvecs, dtype)
+            return float(np.einsum("ij,ij->", probes, _block_apply(op, probes, block_size)) / num_matvecs)
+        sketch_size = min((num_matvecs + 2) // 3, size)
+        residual_probes = max(num_matvecs - 2 * sketch_size, 0)
+        basis = np.linalg.qr(_block_apply(op, _rademacher(rng, size, sketch_size, dtype), block_size))[0]
+        estimate = float(np.einsum("ij,ij->", basis, _block_apply(op, basis, block_size)))
+        if residual_probes:
+            probes = _rademacher(rng, size, residual_probes, dtype)
+            probes -= basis @ (basis.T @ probes)
+            estimate += float(np.einsum("ij,ij->", probes, _block_apply(op, probes, block_size)) / residual_probes)
+        return estimate
 
 
 def diagonal(
@@ -105,6 +112,7 @@ def diagonal(
     seed: int | None = 0,
     block_size: int = 64,
     max_params: int = DEFAULT_MAX_DENSE,
+    progress: bool = False,
 ) -> np.ndarray:
     r"""Diagonal of a square operator.
 
@@ -120,6 +128,8 @@ def diagonal(
         Probes, random seed and vectors per ``matmat``.
     max_params : int
         Size limit for ``"exact"``; raise it deliberately.
+    progress : bool
+        Show one progress bar counting the operator's products.
 
     Returns
     -------
@@ -136,23 +146,26 @@ def diagonal(
         raise ValueError(msg)
     size = _square_size(op)
     block_size = check_positive_int(block_size, "block_size")
-    if method == "exact":
-        if size > max_params:
-            msg = (
-                f"diagonal: method='exact' needs {size} unit-vector products (P={size} > max_params="
-                f"{max_params}); use method='hutchinson' or raise max_params."
-            )
-            raise ValueError(msg)
-        out = np.empty(size)
-        for part_start, part_stop in column_parts(op):
-            for start in range(part_start, part_stop, block_size):
-                stop = min(start + block_size, part_stop)
-                row_start, block = lower_block_product(op, start, stop)
-                out[start:stop] = np.diagonal(block[start - row_start : stop - row_start])
-        return out
-    num_matvecs = check_positive_int(num_matvecs, "num_matvecs")
-    probes = _rademacher(np.random.default_rng(seed), size, num_matvecs, np.float64)
-    return np.mean(probes * _block_apply(op, probes, block_size), axis=1)
+    progress = check_progress(progress)
+    total = size if method == "exact" else num_matvecs
+    with product_progress(op, "diagonal", total=total, enabled=progress):
+        if method == "exact":
+            if size > max_params:
+                msg = (
+                    f"diagonal: method='exact' needs {size} unit-vector products (P={size} > max_params="
+                    f"{max_params}); use method='hutchinson' or raise max_params."
+                )
+                raise ValueError(msg)
+            out = np.empty(size)
+            for part_start, part_stop in column_parts(op):
+                for start in range(part_start, part_stop, block_size):
+                    stop = min(start + block_size, part_stop)
+                    row_start, block = lower_block_product(op, start, stop)
+                    out[start:stop] = np.diagonal(block[start - row_start : stop - row_start])
+            return out
+        num_matvecs = check_positive_int(num_matvecs, "num_matvecs")
+        probes = _rademacher(np.random.default_rng(seed), size, num_matvecs, np.float64)
+        return np.mean(probes * _block_apply(op, probes, block_size), axis=1)
 
 
 def row_sums(op: Any) -> np.ndarray:
@@ -212,6 +225,7 @@ def spectral_density(
     seed: int | None = 0,
     num_points: int = 1000,
     sigma: float | None = None,
+    progress: bool = False,
 ) -> SpectralDensity:
     r"""Spectral density by stochastic Lanczos quadrature (Ubaru, Chen & Saad 2017).
 
@@ -236,6 +250,8 @@ def spectral_density(
         Grid size.
     sigma : float, optional
         Gaussian smoothing width; default 1% of the spectral range.
+    progress : bool
+        Show one progress bar counting the operator's products.
 
     Returns
     -------
@@ -256,7 +272,8 @@ def spectral_density(
     num_points = check_positive_int(num_points, "num_points", 2)
     rng = np.random.default_rng(seed)
     start = _rademacher(rng, size, num_probes, np.float64) / np.sqrt(size)
-    nodes, weights = _block_lanczos_quadrature(op, start, num_lanczos)
+    with product_progress(op, "spectral_density", total=num_lanczos * num_probes, enabled=check_progress(progress)):
+        nodes, weights = _block_lanczos_quadrature(op, start, num_lanczos)
     low, high = float(nodes.min()), float(nodes.max())
     spread = max(high - low, abs(high), 1e-12)
     if sigma is None:

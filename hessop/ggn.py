@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-
-
 from hessop._base import SymmetricDataPassOperator
 
 __all__ = ["GGNOperator"]

@@ -51,7 +51,10 @@ class HessianOperator(SymmetricDataPassOperator):
         dtype of the operator (numpy in/out); default the parameters' dtype.
     progress : bool
         Show a tqdm progress bar over mini-batches for each product that
-        lasts longer than a second.
+        lasts longer than a second. Products then run batch by batch from
+        Python instead of as one compiled pass (slower on small batches). For
+        one bar over a whole computation, pass ``progress=True`` to `eigen`,
+        `trace`, `diagonal` or `spectral_density` instead.
     check_deterministic : bool
         Compare two passes over the data at construction and refuse data or
         models that change between passes (shuffling, random augmentation).
@@ -68,10 +71,9 @@ class HessianOperator(SymmetricDataPassOperator):
     jit_compile : bool
         Compile the per-batch products with XLA (``tf.function(jit_compile=True)``).
         Off by default: XLA compiles again for every new input shape, and on
-        the 2-core CPUs measured for this project it was 5–15 × slower than
-        graph mode on one and, on another, 0.94–1.11 × for reverse-over-reverse
-        and 9–15 × slower for forward-over-reverse. Turn it on where
-        ``benchmarks/bench_hvp.py`` shows it pays (on a GPU, say).
+        CPUs it was often much slower than graph mode, forward-over-reverse
+        above all. Turn it on where ``benchmarks/bench_hvp.py`` shows it pays
+        (on a GPU, say).
 
     Attributes
     ----------
@@ -81,6 +83,12 @@ class HessianOperator(SymmetricDataPassOperator):
         Number of parameters P; ``shape == (P, P)``.
     loss : float
         The loss (mean or sum, per `reduction`) at construction.
+    num_products : int
+        Vectors multiplied so far (a block of k counts k), for seeing what a
+        solver cost; every data-pass operator has it.
+    num_passes : int
+        Passes over the data so far (a block product is one pass; gradients,
+        per-example rows and `to_dense` count theirs too).
 
     Raises
     ------
@@ -146,9 +154,7 @@ class HessianOperator(SymmetricDataPassOperator):
             jit_compile=jit_compile,
         )
 
-    def to_dense(
-        self, *, max_params: int = DEFAULT_MAX_DENSE, block_size: int | None = None, method: str = "auto"
-    ) -> np.ndarray:
+    def to_dense(self, *, max_params: int = DEFAULT_MAX_DENSE, block_size: int | None = None, method: str = "auto") -> np.ndarray:
         """The full P×P Hessian, off-diagonal blocks between variables included.
 
         Built from Hessian-vector products with blocks of unit vectors, one

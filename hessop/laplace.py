@@ -175,13 +175,20 @@ class Laplace:
         cov = predictive_variance(self.model, x, self.posterior_covariance, params=self.params, batch_size=batch_size)
         # The engine's call, as for the covariance: training=False only for Keras layers.
         call = model_caller(self.model)
-        chunks = [tf.nest.map_structure(lambda a: np.asarray(a)[s : s + batch_size], x) for s in range(0, cov.shape[0], batch_size)]
+
+        def chunk(first: int) -> Any:
+            return tf.nest.map_structure(lambda a: np.asarray(a)[first : first + batch_size], x)
+
+        chunks = [chunk(first) for first in range(0, cov.shape[0], batch_size)]
         outputs = [output_matrix(call(chunk), len(tf.nest.flatten(chunk)[0])).numpy() for chunk in chunks]
         return np.concatenate(outputs, axis=0), cov
 
     # -- evidence -------------------------------------------------------------------
     def log_marginal_likelihood(self, prior_precision: float | None = None) -> float:
-        r"""Laplace evidence :math:`\log p(D) \approx -\sum_n \ell_n(\hat\theta) - \frac\tau2\|\hat\theta\|^2 + \frac P2 \log\tau - \frac12 \log\det\Lambda`.
+        r"""Laplace evidence, the approximate log marginal likelihood of the data.
+
+        .. math:: \log p(D) \approx -\sum_n \ell_n(\hat\theta) - \frac\tau2\|\hat\theta\|^2
+                  + \frac P2 \log\tau - \frac12 \log\det\Lambda
 
         The MAP :math:`\hat\theta` is held fixed when τ changes (as is usual for
         Laplace evidence optimisation); the loss must be the full negative
@@ -211,7 +218,9 @@ class Laplace:
         def negative(log_tau: float) -> float:
             return -self.log_marginal_likelihood(float(np.exp(log_tau)))
 
-        result = scipy.optimize.minimize_scalar(negative, bounds=(np.log(low), np.log(high)), method="bounded", options={"xatol": 1e-10})
+        result = scipy.optimize.minimize_scalar(
+            negative, bounds=(np.log(low), np.log(high)), method="bounded", options={"xatol": 1e-10}
+        )
         self.prior_precision = float(np.exp(result.x))
         return self.prior_precision
 

@@ -12,8 +12,8 @@ import numpy as np
 from scipy.sparse.linalg import LinearOperator
 
 from hessop import _kernels
-from hessop._validation import as_real_array, check_finite_array
 from hessop._dense import DEFAULT_MAX_DENSE, dense_from_operator
+from hessop._validation import as_real_array, check_finite_array
 
 __all__ = ["LowRankOperator", "FullRankOperator", "load"]
 
@@ -28,14 +28,14 @@ class _SpectralOperator(LinearOperator):
 
     _kind = ""
 
-    def __init__(self, Q: Any, eigenvalues: Any, tail: float, *, engine: str, check_orthonormal: bool) -> None:  # noqa: N803
-        Q = np.asarray(Q)  # noqa: N806
+    def __init__(self, Q: Any, eigenvalues: Any, tail: float, *, engine: str, check_orthonormal: bool) -> None:
+        Q = np.asarray(Q)
         if Q.ndim != 2:
             msg = f"Q: expected a 2-D array (P, K), got shape {Q.shape}."
             raise ValueError(msg)
         if Q.dtype not in (np.float32, np.float64):
             if Q.dtype.kind in "iub":
-                Q = Q.astype(np.float64)  # noqa: N806
+                Q = Q.astype(np.float64)
             else:
                 msg = f"Q: expected float32 or float64, got {Q.dtype}."
                 raise TypeError(msg)
@@ -79,30 +79,30 @@ class _SpectralOperator(LinearOperator):
             raise ValueError(msg)
 
     # -- products ---------------------------------------------------------------
-    def _checked(self, X: Any, name: str) -> np.ndarray:  # noqa: N803
-        X = np.asarray(X)  # noqa: N806
+    def _checked(self, X: Any, name: str) -> np.ndarray:
+        X = np.asarray(X)
         if np.iscomplexobj(X):
             msg = f"{name}: expected a real array, got dtype {X.dtype}."
             raise TypeError(msg)
         return X
 
     @staticmethod
-    def _check_finite(squared_norms: np.ndarray, X: np.ndarray, name: str) -> None:  # noqa: N803
+    def _check_finite(squared_norms: np.ndarray, X: np.ndarray, name: str) -> None:
         # The kernels' column sums of X² are non-finite when X is (or when huge
         # finite entries overflow): only then is X itself scanned.
         if not np.all(np.isfinite(squared_norms)):
             check_finite_array(X, name)
 
-    def _product(self, X: np.ndarray, name: str) -> np.ndarray:  # noqa: N803
+    def _product(self, X: np.ndarray, name: str) -> np.ndarray:
         # Checked after the cast: a float64 entry beyond the float32 range
         # becomes inf there, and must not pass silently into the result.
         with np.errstate(over="ignore"):
-            X = self._checked(X, name).astype(self.dtype, copy=False)  # noqa: N806
+            X = self._checked(X, name).astype(self.dtype, copy=False)
         out, squared_norms = _kernels.apply(self.engine, self.Q, self._shifted, self.tail, X)
         self._check_finite(squared_norms, X, name)
         return out
 
-    def _matmat(self, X: np.ndarray) -> np.ndarray:  # noqa: N803
+    def _matmat(self, X: np.ndarray) -> np.ndarray:
         return self._product(X, "X")
 
     def _matvec(self, x: np.ndarray) -> np.ndarray:
@@ -117,7 +117,7 @@ class _SpectralOperator(LinearOperator):
     def _rmatvec(self, x: np.ndarray) -> np.ndarray:
         return self._matvec(x)
 
-    def _rmatmat(self, X: np.ndarray) -> np.ndarray:  # noqa: N803
+    def _rmatmat(self, X: np.ndarray) -> np.ndarray:
         return self._matmat(X)
 
     def quadratic_form(self, x: Any) -> float | np.ndarray:
@@ -256,7 +256,7 @@ class LowRankOperator(_SpectralOperator):
 
     _kind = "low_rank"
 
-    def __init__(self, Q: Any, eigenvalues: Any, *, engine: str = "numba", check_orthonormal: bool = True) -> None:  # noqa: N803
+    def __init__(self, Q: Any, eigenvalues: Any, *, engine: str = "numba", check_orthonormal: bool = True) -> None:
         super().__init__(Q, eigenvalues, 0.0, engine=engine, check_orthonormal=check_orthonormal)
 
     def pinv(self) -> LowRankOperator:
@@ -309,7 +309,7 @@ class FullRankOperator(_SpectralOperator):
 
     def __init__(
         self,
-        Q: Any,  # noqa: N803
+        Q: Any,
         eigenvalues: Any,
         tail: float | None = None,
         *,
@@ -423,7 +423,7 @@ def load(path: str | os.PathLike | BinaryIO, *, engine: str = "numba") -> LowRan
     if kind not in _KINDS:
         msg = f"{where}: unknown kind {kind!r}."
         raise ValueError(msg)
-    Q = entries["Q"]  # noqa: N806
+    Q = entries["Q"]
     if str(entries["dtype"]) != Q.dtype.name:
         msg = f"{where}: dtype entry {str(entries['dtype'])!r} does not match Q's {Q.dtype.name}."
         raise ValueError(msg)

@@ -53,8 +53,7 @@ class OPGOperator(SymmetricDataPassOperator):
 
         One data pass and one GEMM per ``_ROWS_BYTES`` of rows (numpy's
         ``a.T @ a``, a symmetric rank-k update), instead of a data pass per
-        block of unit vectors: on the MLP 64-64-10 of bench_dense.py (N = 512,
-        P = 4,810) 0.20 s against 0.90 s. A batch larger than that is taken
+        block of unit vectors (``bench_dense.py`` compares them). A batch larger than that is taken
         in pieces, so the rows held at once stay within it.
         """
         if self._replicas is not None:

@@ -10,16 +10,19 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-import contextlib  # noqa: E402
-import logging  # noqa: E402
-from collections.abc import Iterator  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
-from typing import Any, Callable  # noqa: E402
+import contextlib
+import logging
+from collections.abc import (
+    Callable,
+    Iterator,
+)
+from dataclasses import dataclass, field
+from typing import Any
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import tensorflow as tf  # noqa: E402
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
 
 # Two logical CPU devices, for MirroredStrategy tests; must precede any TF op.
 try:
@@ -30,7 +33,7 @@ try:
 except RuntimeError:  # already initialised (e.g. a plugin ran TF first): distribute tests skip
     pass
 
-from hessop import _engine  # noqa: E402 - after the device configuration above
+from hessop import _engine
 
 F64 = "float64"
 

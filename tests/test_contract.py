@@ -14,10 +14,10 @@ from typing import Any
 
 import numpy as np
 import pytest
-
-import hessop
 from conftest import Case, dense_ggn, dense_output_jacobian, dense_per_example_gradients
 from zoo import FD_RTOL, ZOO, fd_hessian_product
+
+import hessop
 
 # The zoo only: the shared cases of conftest.py are checked operator by
 # operator against dense references (test_hessian.py, test_ggn.py, ...), and

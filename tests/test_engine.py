@@ -15,8 +15,8 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-
 from conftest import Case, dense_ggn, dense_hessian, dense_output_jacobian, dense_per_example_gradients, tensorflow_log
+
 from hessop import GGNOperator, HessianOperator, JacobianOperator, OPGOperator, _engine
 
 RNG = np.random.default_rng(7)
@@ -133,9 +133,7 @@ def test_variable_parts_keep_small_variables_with_the_part_before():
     # so a part begins at a variable of 64 entries or more (the larger of 64
     # and P / 16) once the part before has that many.
     keras.utils.set_random_seed(0)
-    model = keras.Sequential(
-        [keras.Input((10,)), keras.layers.Dense(50), keras.layers.Dense(5), keras.layers.Dense(1)]
-    )
+    model = keras.Sequential([keras.Input((10,)), keras.layers.Dense(50), keras.layers.Dense(5), keras.layers.Dense(1)])
     engine = _engine.Engine(model, None)
     assert engine.sizes == [500, 50, 250, 5, 5, 1]
     assert engine.variable_parts() == ((0, 2), (2, 6))

@@ -23,8 +23,7 @@ def test_trace_error_shrinks_with_matvecs(method):
     A, values = known_spectrum_operator()
     exact = values.sum()
     errors = [
-        np.mean([abs(hessop.trace(A, method=method, num_matvecs=m, seed=s) - exact) for s in range(5)])
-        for m in (12, 48, 192)
+        np.mean([abs(hessop.trace(A, method=method, num_matvecs=m, seed=s) - exact) for s in range(5)]) for m in (12, 48, 192)
     ]
     assert errors[2] < errors[0]
     assert errors[2] / exact < 0.05

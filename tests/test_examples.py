@@ -74,7 +74,7 @@ def test_readme_example_runs_and_converges():
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     code = readme.split("## Example\n", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
     namespace: dict = {}
-    exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 - the README's own code
+    exec(compile(code, "README.md", "exec"), namespace)
     assert namespace["info"] == 0  # cg converged
     assert len(namespace["top_values"]) == 5 and np.all(np.isfinite(namespace["step"]))
     assert max(len(line) for line in code.splitlines()) <= 88

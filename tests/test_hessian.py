@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import keras
 import numpy as np
 import pytest
@@ -54,7 +53,10 @@ def test_example_weights_carried_in_y_give_the_weighted_closed_form(logistic):
     triples = tf.data.Dataset.from_tensor_slices((logistic.x, logistic.y, weights)).batch(128)
     assert rel_err(hessop.HessianOperator(logistic.model, logistic.loss_fn, triples) @ np.eye(5), expected) < 1e-10
     quadruples = tf.data.Dataset.from_tensor_slices((logistic.x, logistic.y, weights, weights)).batch(128)
-    with pytest.raises(TypeError, match=r"^data \(batch 0\): each batch must be a pair \(x, y\) or a triple \(x, y, sample_weight\), got a tuple of 4"):
+    with pytest.raises(
+        TypeError,
+        match=r"^data \(batch 0\): each batch must be a pair \(x, y\) or a triple \(x, y, sample_weight\), got a tuple of 4",
+    ):
         hessop.HessianOperator(logistic.model, logistic.loss_fn, quadruples)
     records = tf.data.Dataset.from_tensor_slices({"label": logistic.y, "x": logistic.x}).batch(128)
     with pytest.raises(TypeError, match=r"got a dict with keys \['label', 'x'\]; map it to pairs"):
@@ -452,7 +454,9 @@ def test_loss_that_is_not_per_example_or_scalar(mlp):
 
 def test_model_without_trainable_variables():
     frozen = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1, trainable=False)])
-    with pytest.raises(ValueError, match=r"^params: the model has no trainable variables \(P = 0\): all its variables are frozen"):
+    with pytest.raises(
+        ValueError, match=r"^params: the model has no trainable variables \(P = 0\): all its variables are frozen"
+    ):
         hessop.HessianOperator(frozen, keras.losses.MeanSquaredError(), (np.ones((4, 3)), np.ones((4, 1))))
     with pytest.raises(ValueError, match=r"^params: expected at least one variable, got none\.$"):
         hessop.HessianOperator(frozen, keras.losses.MeanSquaredError(), (np.ones((4, 3)), np.ones((4, 1))), params=[])
@@ -466,7 +470,8 @@ def test_non_finite_loss_is_refused(mlp):
     x = mlp.x.copy()
     x[[19, 23], 0] = [np.nan, np.inf]
     with pytest.raises(
-        ValueError, match=r"^data \(batch 1\): x has non-finite values \(NaN or inf\) in 2 of its 16 examples \(rows 3, 7 of the batch\)"
+        ValueError,
+        match=r"^data \(batch 1\): x has non-finite values \(NaN or inf\) in 2 of its 16 examples \(rows 3, 7 of the batch\)",
     ):
         hessop.HessianOperator(mlp.model, mlp.loss_fn, (x, mlp.y), batch_size=16)
     # Finite data: the model or loss makes the NaN.

@@ -11,8 +11,8 @@ import tensorflow as tf
 from conftest import Case, dense_ggn, dense_hessian, rel_err
 
 import hessop
-from hessop._dense import dense_from_operator
 from hessop import _kronecker
+from hessop._dense import dense_from_operator
 from hessop._kronecker import find_dense_kernel
 
 F64 = "float64"
@@ -150,7 +150,9 @@ def test_a_kernel_reused_elsewhere_fails_the_check_and_falls_back_to_products():
     case = Case("tied", keras.Model(inputs, outputs), sparse_ce(), rng.normal(size=(30, 5)), rng.integers(0, 2, size=30))
     H = operator(case)
     assert find_dense_kernel(H._engine).size == 40  # the encoder's
-    with pytest.warns(RuntimeWarning, match=r"Dense layer .*closed form of its kernel's block differs from the HessianOperator's own products"):
+    with pytest.warns(
+        RuntimeWarning, match=r"Dense layer .*closed form of its kernel's block differs from the HessianOperator's own products"
+    ):
         dense = H.to_dense()
     assert rel_err(dense, dense_hessian(case)) < 1e-10
     with warnings.catch_warnings():
@@ -192,9 +194,7 @@ def test_a_layer_with_a_regularizer_in_the_loss_is_not_used():
 
 def test_a_plain_callable_model_has_no_dense_kernel(logistic):
     kernel, bias = logistic.variables
-    H = hessop.HessianOperator(
-        lambda x: x @ kernel + bias, logistic.loss_fn, (logistic.x, logistic.y), params=[kernel, bias]
-    )
+    H = hessop.HessianOperator(lambda x: x @ kernel + bias, logistic.loss_fn, (logistic.x, logistic.y), params=[kernel, bias])
     assert find_dense_kernel(H._engine) is None
     assert rel_err(H.to_dense(), dense_hessian(logistic)) < 1e-10
 

@@ -76,8 +76,13 @@ def test_sample_weights_multiply_the_per_example_losses():
     v = np.random.default_rng(4).standard_normal(weighted.shape[1])
     assert rel_err(weighted @ v, reweighted @ v) < 1e-13
     dataset = tf.data.Dataset.from_tensor_slices((case.x, case.y, w)).batch(8)
-    assert rel_err(hessop.GGNOperator(case.model, loss, dataset) @ v, hessop.GGNOperator(
-        case.model, lambda yw, f: yw[1] * case.loss_fn(yw[0], f), (case.x, (case.y, w))) @ v) < 1e-13
+    assert (
+        rel_err(
+            hessop.GGNOperator(case.model, loss, dataset) @ v,
+            hessop.GGNOperator(case.model, lambda yw, f: yw[1] * case.loss_fn(yw[0], f), (case.x, (case.y, w))) @ v,
+        )
+        < 1e-13
+    )
 
 
 def test_bad_sample_weights_are_refused():

@@ -31,7 +31,10 @@ def dense_full(Q, values, tail):
     return Q @ np.diag(values) @ Q.T + tail * (np.eye(len(Q)) - Q @ Q.T)
 
 
-@pytest.fixture(params=[(np.float64, "numba"), (np.float64, "numpy"), (np.float32, "numba"), (np.float32, "numpy")], ids=lambda p: f"{p[0].__name__}-{p[1]}")
+@pytest.fixture(
+    params=[(np.float64, "numba"), (np.float64, "numpy"), (np.float32, "numba"), (np.float32, "numpy")],
+    ids=lambda p: f"{p[0].__name__}-{p[1]}",
+)
 def setting(request):
     return request.param
 
@@ -198,7 +201,9 @@ def test_load_rejects_foreign_and_corrupted_files(tmp_path):
     text = tmp_path / "text.npz"
     text.write_text("not an archive")
     # numpy's own error for these bytes suggests allow_pickle=True.
-    with pytest.raises(ValueError, match="not a saved hessop operator: expected an .npz archive, got a file that is not a zip") as caught:
+    with pytest.raises(
+        ValueError, match="not a saved hessop operator: expected an .npz archive, got a file that is not a zip"
+    ) as caught:
         hessop.load(text)
     assert "pickle" not in str(caught.value)
     empty = tmp_path / "empty.npz"
@@ -245,6 +250,7 @@ def test_save_is_atomic_exact_and_takes_file_objects(tmp_path, monkeypatch):
     path = tmp_path / "approx.npz"
     A.save(path)
     good = path.read_bytes()
+
     # An interrupted save leaves the previous file as it was, and no temporary file behind.
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt

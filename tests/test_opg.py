@@ -69,7 +69,9 @@ def test_opg_is_uncentred(mlp):
 
 def test_per_example_gradients_of_every_case_match_autodiff(case):
     # One gradient per example, vectorised over the batch (conv, Embedding and two-input models too).
-    stacked = hessop.per_example_gradients(case.model, case.loss_fn, (case.x, case.y), params=case.params, batch_size=9, concatenate=True)
+    stacked = hessop.per_example_gradients(
+        case.model, case.loss_fn, (case.x, case.y), params=case.params, batch_size=9, concatenate=True
+    )
     assert rel_err(stacked, dense_per_example_gradients(case)) < 1e-10
 
 

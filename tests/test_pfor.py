@@ -9,11 +9,11 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import Case, dense_hessian, dense_per_example_gradients, tensorflow_log
 from tensorflow.python.ops.parallel_for import pfor as tf_pfor
 
 from hessop import HessianOperator, _pfor, per_example_gradients
 from hessop._pfor import pfor_rules, quiet_conversion_errors
-from conftest import Case, dense_hessian, dense_per_example_gradients, tensorflow_log
 
 K = 3
 RNG = np.random.default_rng(0)

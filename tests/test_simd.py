@@ -14,10 +14,13 @@ from numba import njit
 from hessop import _simd
 
 W = _simd.VECTOR_WIDTH
-TILES = {(rows, vectors): _simd.outer_product_tile(rows, vectors) for rows, vectors in [(1, 1), (3, 2), (_simd.TILE_ROWS, 2), (_simd.TILE_ROWS, 1)]}
+TILES = {
+    (rows, vectors): _simd.outer_product_tile(rows, vectors)
+    for rows, vectors in [(1, 1), (3, 2), (_simd.TILE_ROWS, 2), (_simd.TILE_ROWS, 1)]
+}
 
 
-def reference_tile(rows, vectors, A, a_off, a_step, a_row, B, b_off, b_step, count, acc, c_off, c_row):  # noqa: N803
+def reference_tile(rows, vectors, A, a_off, a_step, a_row, B, b_off, b_step, count, acc, c_off, c_row):
     acc = acc.copy()
     for t in range(count):
         for r in range(rows):
@@ -27,9 +30,9 @@ def reference_tile(rows, vectors, A, a_off, a_step, a_row, B, b_off, b_step, cou
     return acc
 
 
-def jitted_call(tile):  # noqa: ANN001, ANN201
+def jitted_call(tile):
     @njit
-    def call(A, a_off, a_step, a_row, B, b_off, b_step, count, acc, c_off, c_row):  # noqa: N803
+    def call(A, a_off, a_step, a_row, B, b_off, b_step, count, acc, c_off, c_row):
         tile(A, a_off, a_step, a_row, B, b_off, b_step, count, acc, c_off, c_row)
 
     return call
@@ -44,8 +47,8 @@ def test_tile_matches_a_plain_loop(rows, vectors, count):
     a_off, a_step, a_row = 3, rows + 2, 1
     b_off, b_step = 1, vectors * W + 5
     c_off, c_row = 2, vectors * W + 3
-    A = rng.normal(size=a_off + max(count, 1) * a_step + rows)  # noqa: N806
-    B = rng.normal(size=b_off + max(count, 1) * b_step + vectors * W)  # noqa: N806
+    A = rng.normal(size=a_off + max(count, 1) * a_step + rows)
+    B = rng.normal(size=b_off + max(count, 1) * b_step + vectors * W)
     acc = rng.normal(size=c_off + rows * c_row + vectors * W + 4)
     args = (A, a_off, a_step, a_row, B, b_off, b_step, count, acc, c_off, c_row)
     expected = reference_tile(rows, vectors, *args)

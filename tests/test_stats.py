@@ -207,7 +207,9 @@ def test_predictive_variance_is_delta_method(fitted):
     model, _, _ = glm_model(design, family, beta)
     cov = hessop.covariance(H)
     new = design[:7]
-    variance = hessop.predictive_variance(lambda x: tf.linalg.matvec(x, variable)[:, None], new, cov, params=[variable], batch_size=3)
+    variance = hessop.predictive_variance(
+        lambda x: tf.linalg.matvec(x, variable)[:, None], new, cov, params=[variable], batch_size=3
+    )
     expected = np.einsum("ij,jk,ik->i", new, closed_forms(design, y, beta, family)[0], new)
     assert variance.shape == (7, 1, 1)
     assert rel_err(variance[:, 0, 0], expected) < 1e-8

@@ -17,7 +17,6 @@ from typing import Any
 import keras
 import numpy as np
 import tensorflow as tf
-
 from conftest import F64, Case, flat
 
 __all__ = ["ZOO", "fd_hessian_product"]

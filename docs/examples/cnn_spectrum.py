@@ -4,13 +4,13 @@ from _shared import output_dir
 
 out = output_dir(__doc__)
 
-import keras  # noqa: E402
-import matplotlib  # noqa: E402
+import keras
+import matplotlib
 
 matplotlib.use("Agg")
-from sklearn.datasets import load_digits  # noqa: E402
+from sklearn.datasets import load_digits
 
-import hessop  # noqa: E402
+import hessop
 
 digits = load_digits()
 x = (digits.images / 16.0).astype("float32")[..., None]  # (1797, 8, 8, 1)

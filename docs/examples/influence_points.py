@@ -4,12 +4,12 @@ from _shared import output_dir
 
 output_dir(__doc__)
 
-import numpy as np  # noqa: E402
-import scipy.optimize  # noqa: E402
-import tensorflow as tf  # noqa: E402
-from sklearn.datasets import load_breast_cancer  # noqa: E402
+import numpy as np
+import scipy.optimize
+import tensorflow as tf
+from sklearn.datasets import load_breast_cancer
 
-import hessop  # noqa: E402
+import hessop
 
 data = load_breast_cancer()
 features = data.data[:, :5]

@@ -4,15 +4,15 @@ from _shared import output_dir
 
 out = output_dir(__doc__)
 
-import keras  # noqa: E402
-import matplotlib  # noqa: E402
+import keras
+import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import tensorflow as tf
 
-import hessop  # noqa: E402
+import hessop
 
 rng = np.random.default_rng(0)
 x = np.concatenate([rng.uniform(-3, -1, 40), rng.uniform(1, 3, 40)])[:, None]
@@ -21,7 +21,11 @@ y = np.sin(x[:, 0]) + noise * rng.normal(size=len(x))
 
 keras.utils.set_random_seed(0)
 model = keras.Sequential(
-    [keras.Input((1,), dtype="float64"), keras.layers.Dense(16, activation="tanh", dtype="float64"), keras.layers.Dense(1, dtype="float64")]
+    [
+        keras.Input((1,), dtype="float64"),
+        keras.layers.Dense(16, activation="tanh", dtype="float64"),
+        keras.layers.Dense(1, dtype="float64"),
+    ]
 )
 
 

@@ -4,11 +4,11 @@ from _shared import output_dir
 
 output_dir(__doc__)
 
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
-from sklearn.datasets import load_breast_cancer  # noqa: E402
+import numpy as np
+import tensorflow as tf
+from sklearn.datasets import load_breast_cancer
 
-import hessop  # noqa: E402
+import hessop
 
 data = load_breast_cancer()
 columns = [0, 1, 4]  # mean radius, mean texture, mean smoothness
@@ -33,7 +33,7 @@ def nll(y, logits):  # per-example negative log-likelihood
 # The operator reads beta at every product, so one operator serves every step.
 H = hessop.HessianOperator(model, nll, (x, y), params=[beta])
 G = hessop.OPGOperator(model, nll, (x, y), params=[beta])
-for step in range(25):
+for step in range(25):  # noqa: B007 - step is read after the loop
     loss, grad = H.loss_and_gradient()
     newton_step = np.linalg.solve(H.to_dense(), grad)
     beta.assign_sub(newton_step)

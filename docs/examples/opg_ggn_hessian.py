@@ -4,11 +4,11 @@ from _shared import output_dir
 
 output_dir(__doc__)
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-from sklearn.datasets import load_digits  # noqa: E402
+import keras
+import numpy as np
+from sklearn.datasets import load_digits
 
-import hessop  # noqa: E402
+import hessop
 
 digits = load_digits()
 x = (digits.data / 16.0).astype("float32")
