@@ -130,19 +130,19 @@ def ms(seconds: float) -> float:
 
 
 @contextlib.contextmanager
-def tensorflow_pfor_rules() -> Iterator[None]:
-    """Operators traced inside this block use TensorFlow's pfor rules, not hessop's.
+def hessop_pfor_rules() -> Iterator[None]:
+    """Operators traced inside this block vectorise with hessop's pfor rules (``HESSOP_PFOR_RULES=1``).
 
-    The engine enters ``hessop._pfor.pfor_rules`` while it traces a block
-    product; a no-op in its place gives the graph hessop built before that
-    module, for a side-by-side baseline. Only tracing is affected: call the
-    operator's block product once inside the block.
+    By default the engine uses TensorFlow's rules (hessop's patch a private
+    registry); this gives the opt-in side by side with the default. Only
+    tracing is affected: call the operator's block product once inside the block.
     """
-    import hessop._engine as engine
-
-    rules = engine.pfor_rules
-    engine.pfor_rules = contextlib.nullcontext
+    before = os.environ.get("HESSOP_PFOR_RULES")
+    os.environ["HESSOP_PFOR_RULES"] = "1"
     try:
         yield
     finally:
-        engine.pfor_rules = rules
+        if before is None:
+            del os.environ["HESSOP_PFOR_RULES"]
+        else:
+            os.environ["HESSOP_PFOR_RULES"] = before

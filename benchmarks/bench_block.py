@@ -4,10 +4,10 @@ Same MLP as bench_hvp.py (784-128-64-10 tanh, N = 2048, batch 512, float32).
 For H, G and GGN: ``A @ V`` with V of shape (P, k) against k calls of
 ``A @ v``, interleaved in one process. The target for k = 10 is a ratio of at
 most 0.6. "Hessian, XLA" is the same with ``jit_compile=True`` (both its
-block and its columns through XLA). "Hessian, TF's pfor rules" is H with
-``hvp_mode="reverse"``, its block product traced with TensorFlow's pfor
-rules instead of hessop's (``hessop/_pfor.py``; its first block call is not
-a trace). Baseline in the same run: a hand-written reverse-over-reverse HVP
+block and its columns through XLA). "Hessian, hessop's pfor rules" is H
+with ``hvp_mode="reverse"``, its block product traced with hessop's opt-in
+pfor rules (``HESSOP_PFOR_RULES=1``, ``hessop/_pfor.py``) instead of
+TensorFlow's (its first block call is not a trace). Baseline in the same run: a hand-written reverse-over-reverse HVP
 in TF on tensors, k tangents through ``tf.vectorized_map`` against k calls
 (the issue measured about 0.6 for that), and the matmul FLOPs of that block
 against k single HVPs: the ratio's floor.
@@ -22,7 +22,7 @@ import argparse
 import keras
 import numpy as np
 import tensorflow as tf
-from _common import interleaved, machine_info, ms, table, tensorflow_pfor_rules
+from _common import hessop_pfor_rules, interleaved, machine_info, ms, table
 from bench_hvp import data, mlp, reverse_over_reverse
 
 import hessop
@@ -40,13 +40,13 @@ def main() -> None:
     operators = {
         "Hessian": hessop.HessianOperator(model, loss_fn, (x, y), batch_size=512),
         "Hessian, XLA": hessop.HessianOperator(model, loss_fn, (x, y), batch_size=512, jit_compile=True),
-        "Hessian, TF's pfor rules": hessop.HessianOperator(model, loss_fn, (x, y), batch_size=512, hvp_mode="reverse"),
+        "Hessian, hessop's pfor rules": hessop.HessianOperator(model, loss_fn, (x, y), batch_size=512, hvp_mode="reverse"),
         "OPG": hessop.OPGOperator(model, loss_fn, (x, y), batch_size=512),
         "GGN": hessop.GGNOperator(model, loss_fn, (x, y), batch_size=512),
     }
     P = operators["Hessian"].shape[0]
-    with tensorflow_pfor_rules():  # its block product traced as before hessop/_pfor.py
-        operators["Hessian, TF's pfor rules"] @ np.ones((P, 2), "float32")
+    with hessop_pfor_rules():  # its block product is traced here (HESSOP_PFOR_RULES=1)
+        operators["Hessian, hessop's pfor rules"] @ np.ones((P, 2), "float32")
     print(f"model: MLP 784-128-64-10 tanh, N = 2048, batch 512, float32, P = {P:,}")
     # Baseline: the same products written by hand in TF, on tensors (no
     # numpy, no scipy): ten HVPs through tf.vectorized_map against ten calls.

@@ -23,7 +23,7 @@ its peak memory (max RSS) is its own:
 
 Then, in fresh processes: ``to_dense()`` against ``method="hvp"`` (timed
 widths), against that with ``block_size=128``, against it traced with
-TensorFlow's pfor rules instead of hessop's (see ``hessop/_pfor.py``),
+hessop's opt-in pfor rules instead of TensorFlow's (``HESSOP_PFOR_RULES=1``, ``hessop/_pfor.py``),
 against it as one part (every column's tangent in all variables and all
 rows computed), and against ``jacobian``, all in one
 process and interleaved; the OPG's dense matrix by ``OPGOperator.to_dense``
@@ -48,7 +48,7 @@ import subprocess
 import sys
 import time
 
-from _common import interleaved, machine_info, table, tensorflow_pfor_rules, time_calls
+from _common import hessop_pfor_rules, interleaved, machine_info, table, time_calls
 
 # --model: hidden layer widths (tanh) between 64 inputs and 10 classes.
 MODELS = {"mlp": (64,), "deep": (40, 40, 40, 40)}
@@ -201,7 +201,7 @@ def compare_in_one_process(num_data: int, rounds: int = 5) -> dict:
 
     Variants, all ``hvp_mode="reverse"``: the default (closed-form kernel
     block, timed widths); ``method="hvp"``, every column from HVPs; that with ``block_size=128``; that with the block products
-    traced under TensorFlow's own pfor rules instead of hessop's (see
+    traced under hessop's opt-in pfor rules instead of TensorFlow's (see
     ``hessop/_pfor.py``); and that as one part, all rows of every column.
     """
     import numpy as np
@@ -214,9 +214,9 @@ def compare_in_one_process(num_data: int, rounds: int = 5) -> dict:
     H.to_dense(block_size=128, method="hvp")  # trace and warm up both widths and both methods
     H.to_dense(method="hvp")
     H.to_dense()
-    H_tf_rules = hessop.HessianOperator(model, loss_fn, (x, y), hvp_mode="reverse")
-    with tensorflow_pfor_rules():  # the block product is traced here
-        H_tf_rules.to_dense(method="hvp")
+    H_own_rules = hessop.HessianOperator(model, loss_fn, (x, y), hvp_mode="reverse")
+    with hessop_pfor_rules():  # the block product is traced here
+        H_own_rules.to_dense(method="hvp")
     H_one_part = hessop.HessianOperator(model, loss_fn, (x, y), hvp_mode="reverse")
     all_variables = ((0, len(H_one_part._engine.sizes)),)
     H_one_part._engine.variable_parts = lambda: all_variables
@@ -225,7 +225,7 @@ def compare_in_one_process(num_data: int, rounds: int = 5) -> dict:
         "to_dense()": lambda: H.to_dense(),
         "to_dense(method='hvp') (timed widths)": lambda: H.to_dense(method="hvp"),
         "to_dense(method='hvp', block_size=128)": lambda: H.to_dense(block_size=128, method="hvp"),
-        "to_dense(method='hvp'), TF's pfor rules": lambda: H_tf_rules.to_dense(method="hvp"),
+        "to_dense(method='hvp'), hessop's pfor rules": lambda: H_own_rules.to_dense(method="hvp"),
         "to_dense(method='hvp'), one part": lambda: H_one_part.to_dense(method="hvp"),
     }
     # The deep model's jacobian peaks at 17.6 GiB alone, and beside the

@@ -23,7 +23,7 @@ import time
 import keras
 import numpy as np
 import tensorflow as tf
-from _common import interleaved, machine_info, ms, table, tensorflow_pfor_rules
+from _common import hessop_pfor_rules, interleaved, machine_info, ms, table
 from bench_fused import fused, products
 
 import hessop
@@ -223,8 +223,8 @@ def per_example_table(model: keras.Model, loss_fn, x: np.ndarray, y: np.ndarray,
 
     ``tape.jacobian`` runs pfor over the batch's B losses, each a backward
     pass through all B examples; hessop runs pfor over the examples, each a
-    batch of one, with its own pfor rules (``hessop/_pfor.py``). The third
-    row is hessop traced with TensorFlow's rules instead. The batch gradient
+    batch of one. The fourth row is hessop traced with its opt-in pfor rules
+    (``HESSOP_PFOR_RULES=1``, ``hessop/_pfor.py``). The batch gradient
     is the unit (``bench_per_example.py`` compares the two routes over B).
     """
     variables = [v.value for v in model.trainable_variables]
@@ -237,15 +237,15 @@ def per_example_table(model: keras.Model, loss_fn, x: np.ndarray, y: np.ndarray,
         blocks = tape.jacobian(losses, variables, experimental_use_pfor=True)
         return tf.concat([tf.reshape(b, (tf.shape(losses)[0], -1)) for b in blocks], axis=1)
 
-    hessop_rules = hessop.OPGOperator(model, loss_fn, (x, y), batch_size=len(x))
-    tf_rules = hessop.OPGOperator(model, loss_fn, (x, y), batch_size=len(x))
-    with tensorflow_pfor_rules():  # its per-example gradients are traced here
-        next(iter(tf_rules.per_example_gradients()))
+    default = hessop.OPGOperator(model, loss_fn, (x, y), batch_size=len(x))
+    own_rules = hessop.OPGOperator(model, loss_fn, (x, y), batch_size=len(x))
+    with hessop_pfor_rules():  # its per-example gradients are traced here
+        next(iter(own_rules.per_example_gradients()))
     fns = {
         "batch gradient (unit)": lambda: gradient(xb, yb)[0].numpy(),
         "tape.jacobian by hand (TF's pfor rules)": lambda: by_hand(xb, yb).numpy(),
-        "hessop per_example_gradients()": lambda: next(iter(hessop_rules.per_example_gradients())),
-        "hessop, TF's pfor rules": lambda: next(iter(tf_rules.per_example_gradients())),
+        "hessop per_example_gradients()": lambda: next(iter(default.per_example_gradients())),
+        "hessop, its pfor rules (opt-in)": lambda: next(iter(own_rules.per_example_gradients())),
     }
     results = interleaved(fns, repeats=repeats)
     unit = results["batch gradient (unit)"]["median"]

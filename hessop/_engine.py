@@ -53,7 +53,7 @@ import tensorflow as tf
 from hessop._losses import WeightedTargets, as_per_example
 from hessop._moments import exact_moments
 from hessop._params import resolve_params
-from hessop._pfor import pfor_rules, quiet_conversion_errors
+from hessop._pfor import engine_rules, quiet_conversion_errors
 from hessop._validation import warn
 
 try:
@@ -534,7 +534,7 @@ class Engine:
         """
         if what not in self._looped_maps:
             try:
-                with pfor_rules(), quiet_conversion_errors():
+                with engine_rules(), quiet_conversion_errors():
                     return tf.vectorized_map(fn, elems)
             except _TRACE_ERRORS as error:
                 reason = error

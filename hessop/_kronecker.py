@@ -74,7 +74,7 @@ def find_dense_kernel(engine: Any) -> DenseKernel | None:
 
     Eligible: a layer of exactly that class (not a subclass, which may call
     its kernel differently), with a bias, without LoRA, quantization or
-    regularizers, called once (one inbound node) on inputs of rank 2, in a Keras model
+    regularizers, called once (as the model's config says) on inputs of rank 2, in a Keras model
     whose inputs are known, and whose kernel and bias are both among the
     operator's variables.
     """
@@ -82,6 +82,9 @@ def find_dense_kernel(engine: Any) -> DenseKernel | None:
     if keras is None or not isinstance(model, keras.Model):
         return None
     index = {id(variable): i for i, variable in enumerate(engine.variables)}
+    # Unknown (a layer without a config): the numerical check of the block
+    # (`SymmetricDataPassOperator._check_dense`) still catches a shared layer.
+    calls = _calls_per_layer(model)
     candidates = []
     for layer in getattr(model, "layers", []):
         if type(layer) is not keras.layers.Dense or not layer.use_bias:
@@ -95,7 +98,7 @@ def find_dense_kernel(engine: Any) -> DenseKernel | None:
         kernel, bias = index.get(id(layer.kernel.value)), index.get(id(layer.bias.value))
         if kernel is None or bias is None:
             continue
-        if len(getattr(layer, "_inbound_nodes", ())) != 1:
+        if calls is not None and calls.get(layer.name, 0) != 1:
             continue  # called more than once (shared), each call with its own inputs
         layer_input = layer.input
         if not isinstance(layer_input, keras.KerasTensor) or len(layer_input.shape) != 2:
@@ -110,6 +113,22 @@ def find_dense_kernel(engine: Any) -> DenseKernel | None:
         return None  # a subclassed model: no graph of layers to cut
     d_in, d_out = (int(d) for d in engine.shapes[kernel])
     return DenseKernel(name=layer.name, kernel=kernel, bias=bias, d_in=d_in, d_out=d_out, layer_inputs=layer_inputs)
+
+
+def _calls_per_layer(model: Any) -> dict[str, int] | None:
+    """How many times each top-level layer is called in ``model``, by name; None where the model does not say.
+
+    From the model's public config: a functional model lists each layer's
+    inbound nodes (one per call); a Sequential model calls each entry once.
+    """
+    if isinstance(model, keras.Sequential):
+        names = [layer.name for layer in model.layers]
+        return {name: names.count(name) for name in names}
+    try:
+        layers = model.get_config()["layers"]
+        return {entry["name"]: len(entry["inbound_nodes"]) for entry in layers}
+    except (KeyError, TypeError, NotImplementedError, ValueError, AttributeError):
+        return None  # a subclassed model, or a layer without a config
 
 
 def _model_inputs(model: Any) -> Any:

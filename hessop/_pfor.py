@@ -17,13 +17,16 @@ k times because those ops do not broadcast; the same product written as a
 broadcasting multiply reads it once.
 
 :func:`pfor_rules` installs these rules for the duration of a ``with``
-block and restores TensorFlow's afterwards. The engine enters it only inside
-the Python body of its block functions, which runs while ``tf.function``
-traces them, so graphs built outside hessop are untouched (another thread
-tracing a ``vectorized_map`` at that moment would get the same values through
-the other rule). It relies on pfor's private converter registry; if that
-changes shape, the context does nothing, and a rule that meets an input it
-does not understand hands the op to TensorFlow's rule.
+block and restores TensorFlow's afterwards. It relies on pfor's private
+converter registry, so the engine uses it only when asked: with the
+environment variable ``HESSOP_PFOR_RULES=1`` (:func:`engine_rules`), and
+then only inside the Python body of its block functions, which runs while
+``tf.function`` traces them, so graphs built outside hessop are untouched
+(another thread tracing a ``vectorized_map`` at that moment would get the
+same values through the other rule). If the registry changes shape, the
+context does nothing, and a rule that meets an input it does not understand
+hands the op to TensorFlow's rule. ``benchmarks/bench_block.py`` measures
+what the rules save.
 
 :func:`quiet_conversion_errors` mutes pfor's log of an op it cannot
 convert while the engine tries to vectorise a block; the engine then loops
@@ -35,13 +38,17 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import tensorflow as tf
 
-__all__ = ["pfor_rules", "quiet_conversion_errors"]
+__all__ = ["engine_rules", "pfor_rules", "quiet_conversion_errors"]
+
+#: Set to "1" to let the engine vectorise blocks with this module's rules.
+ENVIRONMENT_VARIABLE = "HESSOP_PFOR_RULES"
 
 try:
     from tensorflow.python.ops.parallel_for import pfor as _pfor
@@ -199,6 +206,24 @@ class _DropConversionErrors(logging.Filter):
         if record.levelno >= logging.ERROR and record.funcName == "_convert_helper":
             return False
         return not record.getMessage().endswith("uses a while_loop. Fix that!")
+
+
+def engine_rules() -> contextlib.AbstractContextManager[None]:
+    """`pfor_rules` if ``HESSOP_PFOR_RULES=1`` is set (read at each trace), else a no-op.
+
+    Off by default: the rules patch TensorFlow's private converter registry,
+    and the default path must survive TensorFlow's upgrades.
+
+    Examples
+    --------
+    >>> import contextlib
+    >>> from hessop._pfor import engine_rules
+    >>> isinstance(engine_rules(), contextlib.nullcontext)  # HESSOP_PFOR_RULES not set
+    True
+    """
+    if os.environ.get(ENVIRONMENT_VARIABLE, "0").strip() == "1":
+        return pfor_rules()
+    return contextlib.nullcontext()
 
 
 @contextlib.contextmanager

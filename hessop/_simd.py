@@ -20,6 +20,7 @@ register file of the CPU numba compiles for.
 from __future__ import annotations
 
 import llvmlite.binding
+import numba
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
@@ -29,14 +30,17 @@ __all__ = ["TILE_ROWS", "VECTOR_WIDTH", "outer_product_tile"]
 
 
 def _target_features() -> str:
-    # numba compiles for its own target (NUMBA_CPU_NAME / NUMBA_CPU_FEATURES
-    # may differ from the host); its codegen keeps the feature string it uses.
-    try:
-        from numba.core.registry import cpu_target
+    """The CPU features numba compiles for, from its documented settings.
 
-        return str(cpu_target.target_context.codegen()._tm_features)
-    except Exception:
-        return llvmlite.binding.get_host_cpu_features().flatten()
+    ``NUMBA_CPU_FEATURES`` if set; else, for a CPU named by ``NUMBA_CPU_NAME``
+    (other than "host"), none assumed (LLVM knows that CPU's features; the
+    smaller tiles are correct on any CPU); else the host's.
+    """
+    if numba.config.CPU_FEATURES:
+        return str(numba.config.CPU_FEATURES)
+    if numba.config.CPU_NAME and str(numba.config.CPU_NAME).lower() != "host":
+        return ""
+    return llvmlite.binding.get_host_cpu_features().flatten()
 
 
 _HAS_AVX512 = "+avx512f" in _target_features().split(",")
