@@ -7,7 +7,7 @@ its peak memory (max RSS) is its own:
 
 * ``hessop``: ``HessianOperator.to_dense`` with its defaults: the first
   layer's kernel block in closed form (``method="auto"``, see
-  ``hessop/_kronecker.py``), every other column from batched HVPs (lower
+  ``hessop/dense/kronecker.py``), every other column from batched HVPs (lower
   block triangle by parts of the variables), ``hvp_mode="auto"``
   (reverse-over-reverse until its products have taken 4 × as long as
   tracing it, then a search that traces and times both modes) and block
@@ -23,7 +23,7 @@ its peak memory (max RSS) is its own:
 
 Then, in fresh processes: ``to_dense()`` against ``method="hvp"`` (timed
 widths), against that with ``block_size=128``, against it traced with
-hessop's opt-in pfor rules instead of TensorFlow's (``HESSOP_PFOR_RULES=1``, ``hessop/_pfor.py``),
+hessop's opt-in pfor rules instead of TensorFlow's (``HESSOP_PFOR_RULES=1``, ``hessop/autodiff/pfor.py``),
 against it as one part (every column's tangent in all variables and all
 rows computed), and against ``jacobian``, all in one
 process and interleaved; the OPG's dense matrix by ``OPGOperator.to_dense``
@@ -202,7 +202,7 @@ def compare_in_one_process(num_data: int, rounds: int = 5) -> dict:
     Variants, all ``hvp_mode="reverse"``: the default (closed-form kernel
     block, timed widths); ``method="hvp"``, every column from HVPs; that with ``block_size=128``; that with the block products
     traced under hessop's opt-in pfor rules instead of TensorFlow's (see
-    ``hessop/_pfor.py``); and that as one part, all rows of every column.
+    ``hessop/autodiff/pfor.py``); and that as one part, all rows of every column.
     """
     import numpy as np
 
@@ -257,7 +257,7 @@ def opg_ggn_in_one_process(num_data: int, rounds: int = 5) -> dict:
     import numpy as np
 
     import hessop
-    from hessop._dense import dense_from_operator
+    from hessop.dense.columns import dense_from_operator
 
     model, loss_fn, x, y = build(num_data)
     G = hessop.OPGOperator(model, loss_fn, (x, y))
@@ -537,7 +537,7 @@ def main() -> None:
     kernel_gemm = 2 * args.num_data * 64**2 * MODELS[MODEL][0] ** 2
     print(
         f"to_dense() replaces the first kernel's {64 * MODELS[MODEL][0]:,} columns by one GEMM of 2·N·d_in²·d_out² = "
-        f"{kernel_gemm / 1e9:.0f} GFLOP (hessop/_kronecker.py); it took {default:.2f} s, "
+        f"{kernel_gemm / 1e9:.0f} GFLOP (hessop/dense/kronecker.py); it took {default:.2f} s, "
         f"{medians['jacobian'] / default:.1f} × less than jacobian."
         if "jacobian" in medians
         else ""

@@ -27,7 +27,7 @@ from _common import hessop_pfor_rules, interleaved, machine_info, ms, table
 from bench_fused import fused, products
 
 import hessop
-from hessop import _engine
+from hessop.autodiff import engine as _engine
 
 # Back-to-back pairs for the per-call overhead: 25 pairs were too few to
 # separate a few percent from noise.
@@ -224,7 +224,7 @@ def per_example_table(model: keras.Model, loss_fn, x: np.ndarray, y: np.ndarray,
     ``tape.jacobian`` runs pfor over the batch's B losses, each a backward
     pass through all B examples; hessop runs pfor over the examples, each a
     batch of one. The fourth row is hessop traced with its opt-in pfor rules
-    (``HESSOP_PFOR_RULES=1``, ``hessop/_pfor.py``). The batch gradient
+    (``HESSOP_PFOR_RULES=1``, ``hessop/autodiff/pfor.py``). The batch gradient
     is the unit (``bench_per_example.py`` compares the two routes over B).
     """
     variables = [v.value for v in model.trainable_variables]

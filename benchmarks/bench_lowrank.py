@@ -30,7 +30,7 @@ import numpy as np
 from _common import grouped, machine_info, ms, table
 
 import hessop
-from hessop import _kernels
+from hessop.lowrank import kernels as _kernels
 
 
 def copy_bandwidth(num_bytes: int, repeats: int = 5) -> float:

@@ -125,7 +125,7 @@ def main() -> None:
     import tensorflow as tf
 
     import hessop
-    from hessop._pfor import pfor_rules
+    from hessop.autodiff.pfor import pfor_rules
 
     print(machine_info())
     model, loss_fn, x, y = build(args.num_data)

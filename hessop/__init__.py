@@ -18,53 +18,52 @@ __version__ = "0.1.0"
 # public name -> module that defines it
 _EXPORTS = {
     # data-pass operators
-    "HessianOperator": "hessop.hessian",
-    "JacobianOperator": "hessop.jacobian",
-    "OPGOperator": "hessop.opg",
-    "GGNOperator": "hessop.ggn",
-    "per_example_gradients": "hessop.opg",
+    "HessianOperator": "hessop.operators.hessian",
+    "JacobianOperator": "hessop.operators.jacobian",
+    "OPGOperator": "hessop.operators.opg",
+    "GGNOperator": "hessop.operators.ggn",
+    "per_example_gradients": "hessop.operators.opg",
     # low-rank and full-rank approximations
-    "LowRankOperator": "hessop.lowrank",
-    "FullRankOperator": "hessop.lowrank",
-    "load": "hessop.lowrank",
-    "low_rank": "hessop.eigenpairs",
-    "full_rank": "hessop.eigenpairs",
+    "LowRankOperator": "hessop.lowrank.operators",
+    "FullRankOperator": "hessop.lowrank.operators",
+    "load": "hessop.lowrank.operators",
+    "low_rank": "hessop.spectral.eigen",
+    "full_rank": "hessop.spectral.eigen",
     # spectra and estimators
-    "eigen": "hessop.eigenpairs",
-    "trace": "hessop.estimators",
-    "diagonal": "hessop.estimators",
-    "row_sums": "hessop.estimators",
-    "spectral_density": "hessop.estimators",
-    "SpectralDensity": "hessop.estimators",
-    "plot_spectrum": "hessop.plot",
+    "eigen": "hessop.spectral.eigen",
+    "trace": "hessop.spectral.estimators",
+    "diagonal": "hessop.spectral.estimators",
+    "row_sums": "hessop.spectral.estimators",
+    "spectral_density": "hessop.spectral.estimators",
+    "SpectralDensity": "hessop.spectral.estimators",
+    "plot_spectrum": "hessop.spectral.plot",
     # statistics
-    "covariance": "hessop.stats",
-    "standard_errors": "hessop.stats",
-    "summary": "hessop.stats",
-    "predictive_variance": "hessop.stats",
-    "influence": "hessop.stats",
-    "CovarianceOperator": "hessop.stats",
-    "NotPositiveDefiniteError": "hessop.stats",
-    "Laplace": "hessop.laplace",
+    "covariance": "hessop.stats.covariance",
+    "standard_errors": "hessop.stats.covariance",
+    "summary": "hessop.stats.covariance",
+    "predictive_variance": "hessop.stats.covariance",
+    "influence": "hessop.stats.covariance",
+    "CovarianceOperator": "hessop.stats.covariance",
+    "NotPositiveDefiniteError": "hessop.stats.covariance",
+    "Laplace": "hessop.stats.laplace",
     # parameter layout
-    "flatten": "hessop._params",
-    "unflatten": "hessop._params",
+    "flatten": "hessop.autodiff.params",
+    "unflatten": "hessop.autodiff.params",
 }
 
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:  # pragma: no cover
-    from hessop._params import flatten, unflatten
-    from hessop.eigenpairs import eigen, full_rank, low_rank
-    from hessop.estimators import SpectralDensity, diagonal, row_sums, spectral_density, trace
-    from hessop.ggn import GGNOperator
-    from hessop.hessian import HessianOperator
-    from hessop.jacobian import JacobianOperator
-    from hessop.laplace import Laplace
-    from hessop.lowrank import FullRankOperator, LowRankOperator, load
-    from hessop.opg import OPGOperator, per_example_gradients
-    from hessop.plot import plot_spectrum
-    from hessop.stats import (
+    from hessop.autodiff.params import flatten, unflatten
+    from hessop.lowrank.operators import FullRankOperator, LowRankOperator, load
+    from hessop.operators.ggn import GGNOperator
+    from hessop.operators.hessian import HessianOperator
+    from hessop.operators.jacobian import JacobianOperator
+    from hessop.operators.opg import OPGOperator, per_example_gradients
+    from hessop.spectral.eigen import eigen, full_rank, low_rank
+    from hessop.spectral.estimators import SpectralDensity, diagonal, row_sums, spectral_density, trace
+    from hessop.spectral.plot import plot_spectrum
+    from hessop.stats.covariance import (
         CovarianceOperator,
         NotPositiveDefiniteError,
         covariance,
@@ -73,6 +72,7 @@ if TYPE_CHECKING:  # pragma: no cover
         standard_errors,
         summary,
     )
+    from hessop.stats.laplace import Laplace
 
 
 def __getattr__(name: str) -> Any:

@@ -33,7 +33,7 @@ try:
 except RuntimeError:  # already initialised (e.g. a plugin ran TF first): distribute tests skip
     pass
 
-from hessop import _engine
+from hessop.autodiff import engine as _engine
 
 F64 = "float64"
 

@@ -1,0 +1,1 @@
+"""The curvature operators: `DataPassOperator` (``base``) and one module per operator's math."""

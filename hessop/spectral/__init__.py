@@ -1,0 +1,1 @@
+"""Eigenpairs, trace, diagonal and spectral density of any symmetric LinearOperator; no TensorFlow."""
