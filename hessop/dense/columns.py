@@ -3,14 +3,24 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from hessop._validation import check_positive_int
 
-__all__ = ["DEFAULT_MAX_DENSE", "TRIAL_BLOCK_SIZES", "column_parts", "dense_from_operator", "lower_block_product", "unit_blocks"]
+__all__ = [
+    "DEFAULT_MAX_DENSE",
+    "TRIAL_BLOCK_SIZES",
+    "DenseHooks",
+    "column_parts",
+    "dense_from_operator",
+    "hooks_of",
+    "lower_block_product",
+    "unit_blocks",
+]
 
 DEFAULT_MAX_DENSE = 10_000
 
@@ -32,6 +42,49 @@ _SLOWER_BY = 1.10
 _clock = time.perf_counter
 
 
+@dataclass(frozen=True)
+class DenseHooks:
+    """What an operator may tell `dense_from_operator` to build its matrix faster; every field is optional.
+
+    An operator returns one from a method ``dense_hooks()``; a LinearOperator
+    without that method gets the defaults (columns from ``matmat`` with unit
+    vectors, all rows). hessop's data-pass operators fill in:
+
+    Attributes
+    ----------
+    parts : tuple of (start, stop), optional
+        Column ranges of a symmetric operator whose blocks need only the rows
+        from the range's start (the rows above are mirrored from earlier columns).
+    lower_block_rows : callable ``(first, stop, known_rows=None) -> array``, optional
+        ``(A[r:, first:stop])ᵀ`` for the part starting at r (all rows, r = 0,
+        without parts), the unit vectors made by the operator itself. With
+        ``known_rows=(a, b)`` the rows a:b come first, then rows r:.
+    known_dense : callable ``() -> array or None``, optional
+        The whole matrix by a faster route, or None where it has none.
+    known_block : callable ``() -> (start, stop, block) or None``, optional
+        One diagonal block in closed form; its columns are not built.
+    check_block : callable ``(dense, start, stop) -> bool``, optional
+        Whether ``dense``'s columns start:stop agree with the operator's own
+        products; where False, every column is built again by products.
+    memory_on_host : bool
+        Whether a product's memory shows in this process's resident size
+        (not on an accelerator), for the block-width trials.
+    """
+
+    parts: tuple[tuple[int, int], ...] | None = None
+    lower_block_rows: Callable[..., np.ndarray] | None = None
+    known_dense: Callable[[], np.ndarray | None] | None = None
+    known_block: Callable[[], tuple[int, int, np.ndarray] | None] | None = None
+    check_block: Callable[[np.ndarray, int, int], bool] | None = None
+    memory_on_host: bool = True
+
+
+def hooks_of(op: Any) -> DenseHooks:
+    """``op.dense_hooks()`` where the operator has it, else the defaults."""
+    method = getattr(op, "dense_hooks", None)
+    return method() if callable(method) else DenseHooks()
+
+
 def dense_from_operator(op: Any, *, max_params: int, block_size: int | None, closed_form: bool = True) -> np.ndarray:
     """Columns of ``op`` in blocks of unit vectors, guarded against P×P surprises.
 
@@ -47,14 +100,15 @@ def dense_from_operator(op: Any, *, max_params: int, block_size: int | None, clo
     (`lower_block_product`), and the rows above are mirrored from the columns
     before. The blocks of a part never cross into the next.
 
-    An operator may also know one diagonal block in closed form (a
-    `HessianOperator`'s Dense-layer kernel, ``_known_dense_block``): its
-    columns are not built, the other columns' blocks return its rows as well
+    What an operator knows beyond its products comes from its `DenseHooks`
+    (``op.dense_hooks()``). It may know one diagonal block in closed form (a
+    `HessianOperator`'s Dense-layer kernel, ``known_block``): its columns are
+    not built, the other columns' blocks return its rows as well
     (`_known_rows_product`), and its other entries are mirrored from those.
-    ``_check_dense(dense, start, stop)`` then compares the result with the
+    ``check_block(dense, start, stop)`` then compares the result with the
     operator's own products; where it returns False, every column is built
     again by products. An operator may instead know the whole matrix
-    (``_known_dense``: `OPGOperator`'s JᵀJ/N from per-example gradients),
+    (``known_dense``: `OPGOperator`'s JᵀJ/N from per-example gradients),
     returned as it is where it is not None. ``closed_form=False`` builds
     every column by products from the start.
     """
@@ -68,19 +122,18 @@ def dense_from_operator(op: Any, *, max_params: int, block_size: int | None, clo
             f"{max_params}; pass a larger max_params to build it anyway, or stay matrix-free."
         )
         raise ValueError(msg)
-    known_dense = getattr(op, "_known_dense", None)
-    if closed_form and known_dense is not None:
-        dense = known_dense()
+    hooks = hooks_of(op)
+    if closed_form and hooks.known_dense is not None:
+        dense = hooks.known_dense()
         if dense is not None:
             return dense
     dense = np.empty((n_rows, n_cols), dtype=op.dtype)
-    known_block = getattr(op, "_known_dense_block", None)
-    known = known_block() if closed_form and known_block is not None else None
+    known = hooks.known_block() if closed_form and hooks.known_block is not None else None
     if known is not None:
         start, stop, block = known
         dense[start:stop, start:stop] = block
         _fill(op, dense, block_size, (start, stop))
-        if op._check_dense(dense, start, stop):
+        if hooks.check_block is None or hooks.check_block(dense, start, stop):
             return dense
     _fill(op, dense, block_size, None)
     return dense
@@ -129,7 +182,7 @@ def _fill_block(op: Any, dense: np.ndarray, start: int, width: int, known: tuple
 
 def _known_rows_product(op: Any, start: int, stop: int, known: tuple[int, int]) -> tuple[np.ndarray, tuple[int, np.ndarray]]:
     """``(op[known rows, start:stop], (r, op[r:, start:stop]))`` for a part starting at r after the known block."""
-    rows = op._lower_block_rows(start, stop, known_rows=known).T
+    rows = hooks_of(op).lower_block_rows(start, stop, known_rows=known).T
     size = known[1] - known[0]
     return rows[:size], (_part_of(op, start)[0], rows[size:])
 
@@ -139,7 +192,7 @@ def column_parts(op: Any) -> tuple[tuple[int, int], ...]:
 
     One range, all columns, for operators other than hessop's symmetric ones.
     """
-    return getattr(op, "_dense_parts", None) or ((0, op.shape[1]),)
+    return hooks_of(op).parts or ((0, op.shape[1]),)
 
 
 def _part_of(op: Any, column: int) -> tuple[int, int]:
@@ -151,10 +204,11 @@ def lower_block_product(op: Any, start: int, stop: int) -> tuple[int, np.ndarray
     """``(r, op[r:, start:stop])`` where r is the first column of the `column_parts` range holding start..stop-1.
 
     hessop's data-pass operators make the unit vectors on the device
-    (``_lower_block_rows``), and its symmetric ones compute only those rows;
-    any other LinearOperator gets its unit vectors through ``matmat`` (r = 0).
+    (`DenseHooks.lower_block_rows`), and its symmetric ones compute only those
+    rows; any other LinearOperator gets its unit vectors through ``matmat``
+    (r = 0).
     """
-    lower_block_rows = getattr(op, "_lower_block_rows", None)
+    lower_block_rows = hooks_of(op).lower_block_rows
     if lower_block_rows is not None:
         return _part_of(op, start)[0], lower_block_rows(start, stop).T
     _, unit = next(unit_blocks(op.shape[1], stop - start, op.dtype, start=start))
@@ -182,7 +236,7 @@ def _fill_timed_trials(op: Any, dense: np.ndarray, known: tuple[int, int] | None
     """
     n_cols = dense.shape[1]
     start = _skip_known(0, known)
-    watch = _MemoryWatch.start(getattr(op, "_memory_on_host", True))
+    watch = _MemoryWatch.start(hooks_of(op).memory_on_host)
     seconds_per_column: dict[int, float] = {}
     for width in TRIAL_BLOCK_SIZES:
         if start >= n_cols or not watch.allows(width):

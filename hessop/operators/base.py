@@ -24,7 +24,7 @@ from hessop.autodiff.distribute import Replicas, resolve_strategy
 from hessop.autodiff.engine import _TRACE_ERRORS, Engine, check_parameter_paths, first_call_on_batch
 from hessop.autodiff.losses import resolve_loss
 from hessop.autodiff.passes import FusedPasses
-from hessop.dense.columns import DEFAULT_MAX_DENSE, dense_from_operator
+from hessop.dense.columns import DEFAULT_MAX_DENSE, DenseHooks, dense_from_operator
 from hessop.dense.kronecker import factors_function, find_dense_kernel, kernel_block
 
 __all__ = ["DataPassOperator", "SymmetricDataPassOperator", "as_numpy_dtype"]
@@ -518,6 +518,20 @@ class DataPassOperator(LinearOperator):
         """Whether a product's memory shows in this process's resident size (not on a GPU): for `to_dense`'s trials."""
         return not tf.config.list_logical_devices("GPU")
 
+    def dense_hooks(self) -> DenseHooks:
+        """What `to_dense` may use besides products: `hessop.dense.columns.DenseHooks`.
+
+        Examples
+        --------
+        >>> import numpy as np, tensorflow as tf, hessop
+        >>> w = tf.Variable([1.0, 2.0], dtype=tf.float64)
+        >>> model = lambda x: tf.linalg.matvec(x, w)
+        >>> J = hessop.JacobianOperator(model, None, (np.eye(2), None), target="outputs", params=[w])
+        >>> J.dense_hooks().parts is None  # not symmetric: every column's rows are computed
+        True
+        """
+        return DenseHooks(lower_block_rows=self._lower_block_rows, memory_on_host=self._memory_on_host)
+
     def _lower_block_rows(self, first: int, stop: int) -> np.ndarray:
         """(A @ I[:, first:stop])ᵀ, shape (stop - first, m): columns of A, all rows, for `dense_from_operator`.
 
@@ -627,6 +641,26 @@ class SymmetricDataPassOperator(DataPassOperator):
     def _dense_parts(self) -> tuple[tuple[int, int], ...]:
         """Column ranges of `Engine.variable_parts`: `to_dense` builds A[start:, start:stop] for each and mirrors the rest."""
         return tuple(self._part_columns(part) for part in self._engine.variable_parts())
+
+    def dense_hooks(self) -> DenseHooks:
+        """What `to_dense` may use besides products: column parts, and a Dense kernel's block in closed form.
+
+        Examples
+        --------
+        >>> import numpy as np, tensorflow as tf, hessop
+        >>> w = tf.Variable([1.0, 2.0], dtype=tf.float64)
+        >>> H = hessop.HessianOperator(lambda x: tf.linalg.matvec(x, w), lambda y, f: 0.5 * (f - y) ** 2,
+        ...                            (np.eye(2), np.zeros(2)), params=[w])
+        >>> H.dense_hooks().parts
+        ((0, 2),)
+        """
+        return DenseHooks(
+            parts=self._dense_parts,
+            lower_block_rows=self._lower_block_rows,
+            known_block=self._known_dense_block,
+            check_block=self._check_dense,
+            memory_on_host=self._memory_on_host,
+        )
 
     def _lower_block_rows(self, first: int, stop: int, known_rows: tuple[int, int] | None = None) -> np.ndarray:
         """(A[start:, first:stop])ᵀ for the `_dense_parts` range (start, end) that holds columns first..stop-1.

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 
+from hessop.dense.columns import DenseHooks
 from hessop.operators.base import SymmetricDataPassOperator
 
 __all__ = ["OPGOperator", "per_example_gradients"]
@@ -47,6 +49,10 @@ class OPGOperator(SymmetricDataPassOperator):
     def per_example_gradients(self) -> Iterator[np.ndarray]:
         """Yield the rows of J batch by batch, each a (B, P) array (never all of J at once)."""
         return self._per_example_rows(self._engine.per_example_gradients, "per_example_gradients")
+
+    def dense_hooks(self) -> DenseHooks:
+        """As for the other symmetric operators, and G itself from per-example gradients (``known_dense``)."""
+        return dataclasses.replace(super().dense_hooks(), known_dense=self._known_dense)
 
     def _known_dense(self) -> np.ndarray | None:
         """G itself, for `to_dense`: Σ_n g_n g_nᵀ times `scale`, from per-example gradients; None under a multi-replica strategy.

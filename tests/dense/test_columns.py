@@ -8,7 +8,7 @@ import scipy.sparse as sp
 from scipy.sparse.linalg import LinearOperator, aslinearoperator
 
 from hessop.dense import columns as _dense
-from hessop.dense.columns import TRIAL_BLOCK_SIZES, dense_from_operator
+from hessop.dense.columns import TRIAL_BLOCK_SIZES, DenseHooks, dense_from_operator
 
 
 class RecordingOperator(LinearOperator):
@@ -41,6 +41,9 @@ class PartedOperator(RecordingOperator):
         super().__init__(matrix, seconds_per_column)
         self._dense_parts = parts
         self.blocks: list[tuple[int, int]] = []
+
+    def dense_hooks(self):
+        return DenseHooks(parts=self._dense_parts, lower_block_rows=self._lower_block_rows)
 
     def _lower_block_rows(self, first, stop):
         row_start = next(start for start, end in self._dense_parts if start <= first < end)
@@ -123,7 +126,7 @@ def test_widths_stop_at_128_where_memory_cannot_be_measured(fake_clock_and_memor
     if unmeasured == "no /proc":
         monkeypatch.setattr(_dense, "_status_bytes", lambda field: None)
     else:
-        op._memory_on_host = False
+        op.dense_hooks = lambda: DenseHooks(memory_on_host=False)
     dense_from_operator(op, max_params=10_000, block_size=None)
     assert max(op.widths) == 128
 
