@@ -54,7 +54,7 @@ from hessop._validation import warn
 from hessop.autodiff.losses import WeightedTargets, as_per_example
 from hessop.autodiff.moments import exact_moments
 from hessop.autodiff.params import resolve_params
-from hessop.autodiff.pfor import engine_rules, quiet_conversion_errors
+from hessop.autodiff.vectorize import engine_rules, quiet_conversion_errors
 
 try:
     import keras

@@ -19,7 +19,9 @@ broadcasting multiply reads it once.
 :func:`pfor_rules` installs these rules for the duration of a ``with``
 block and restores TensorFlow's afterwards. It relies on pfor's private
 converter registry, so the engine uses it only when asked: with the
-environment variable ``HESSOP_PFOR_RULES=1`` (:func:`engine_rules`), and
+environment variable ``HESSOP_PFOR_RULES=1``
+(:func:`hessop.autodiff.vectorize.engine_rules`, which imports this module
+only then), and
 then only inside the Python body of its block functions, which runs while
 ``tf.function`` traces them, so graphs built outside hessop are untouched
 (another thread tracing a ``vectorized_map`` at that moment would get the
@@ -27,28 +29,19 @@ same values through the other rule). If the registry changes shape, the
 context does nothing, and a rule that meets an input it does not understand
 hands the op to TensorFlow's rule. ``benchmarks/bench_block.py`` measures
 what the rules save.
-
-:func:`quiet_conversion_errors` mutes pfor's log of an op it cannot
-convert while the engine tries to vectorise a block; the engine then loops
-over the block and warns once.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import logging
-import os
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import tensorflow as tf
 
-__all__ = ["engine_rules", "pfor_rules", "quiet_conversion_errors"]
-
-#: Set to "1" to let the engine vectorise blocks with this module's rules.
-ENVIRONMENT_VARIABLE = "HESSOP_PFOR_RULES"
+__all__ = ["pfor_rules"]
 
 try:
     from tensorflow.python.ops.parallel_for import pfor as _pfor
@@ -190,67 +183,3 @@ def pfor_rules() -> Iterator[None]:
             _depth -= 1
             if _depth == 0:
                 _REGISTRY.update(_TF_RULES)
-
-
-class _DropConversionErrors(logging.Filter):
-    """Drops pfor's ERROR records of an op it could not convert and its notes on ops it loops over, nothing else.
-
-    The notes are TensorFlow's own to-dos ("Conv2DBackpropFilter uses a
-    while_loop. Fix that!", for per-example gradients of a convolution): the
-    result is right, and there is nothing for a user to do about them.
-    """
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.module != "pfor":
-            return True
-        if record.levelno >= logging.ERROR and record.funcName == "_convert_helper":
-            return False
-        return not record.getMessage().endswith("uses a while_loop. Fix that!")
-
-
-def engine_rules() -> contextlib.AbstractContextManager[None]:
-    """`pfor_rules` if ``HESSOP_PFOR_RULES=1`` is set (read at each trace), else a no-op.
-
-    Off by default: the rules patch TensorFlow's private converter registry,
-    and the default path must survive TensorFlow's upgrades.
-
-    Examples
-    --------
-    >>> import contextlib
-    >>> from hessop.autodiff.pfor import engine_rules
-    >>> isinstance(engine_rules(), contextlib.nullcontext)  # HESSOP_PFOR_RULES not set
-    True
-    """
-    if os.environ.get(ENVIRONMENT_VARIABLE, "0").strip() == "1":
-        return pfor_rules()
-    return contextlib.nullcontext()
-
-
-@contextlib.contextmanager
-def quiet_conversion_errors() -> Iterator[None]:
-    """Within this block, TensorFlow's logger drops pfor's report of an op it cannot convert.
-
-    pfor logs every op it fails to vectorise at ERROR level (the op's
-    NodeDef, its inputs and the stack where it was created: 1,740 lines for
-    the first block of Hessian-vector products of a Keras LSTM with 51
-    parameters) and then raises. The engine catches that error, loops over
-    the block instead and says so in one warning that names the error, so
-    the log would only bury that warning. Other records, and pfor's records
-    outside this block, pass.
-
-    Examples
-    --------
-    >>> import tensorflow as tf
-    >>> from hessop.autodiff.pfor import quiet_conversion_errors
-    >>> with quiet_conversion_errors():
-    ...     rows = tf.vectorized_map(lambda v: 2 * v, tf.ones((4, 3)))
-    >>> rows.shape
-    TensorShape([4, 3])
-    """
-    logger = tf.get_logger()
-    drop = _DropConversionErrors()
-    logger.addFilter(drop)
-    try:
-        yield
-    finally:
-        logger.removeFilter(drop)

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
+import textwrap
 import threading
 
 import keras
@@ -14,7 +18,8 @@ from tensorflow.python.ops.parallel_for import pfor as tf_pfor
 
 from hessop import HessianOperator, per_example_gradients
 from hessop.autodiff import pfor as _pfor
-from hessop.autodiff.pfor import pfor_rules, quiet_conversion_errors
+from hessop.autodiff.pfor import pfor_rules
+from hessop.autodiff.vectorize import ENVIRONMENT_VARIABLE, quiet_conversion_errors
 
 K = 3
 RNG = np.random.default_rng(0)
@@ -182,7 +187,33 @@ def test_tensorflow_rules_are_restored_after_errors_nesting_and_threads():
     assert tf_pfor._pfor_converter_registry == original
 
 
-def test_block_product_and_per_example_gradients_leave_tensorflow_rules_in_place(mlp):
+@pytest.fixture
+def hessop_rules(monkeypatch):
+    """Operators traced in the test vectorise with this module's rules (opt-in: HESSOP_PFOR_RULES=1)."""
+    monkeypatch.setenv(ENVIRONMENT_VARIABLE, "1")
+
+
+def test_the_default_path_never_loads_the_private_rules():
+    # A block product and per-example gradients without HESSOP_PFOR_RULES, in a fresh process.
+    code = textwrap.dedent(
+        """
+        import sys
+        import numpy as np, tensorflow as tf, hessop
+        w = tf.Variable([[1.0], [2.0]], dtype=tf.float64)
+        model = lambda x: tf.tanh(tf.matmul(x, w))[:, 0]
+        data = (np.random.default_rng(0).normal(size=(8, 2)), np.zeros(8))
+        H = hessop.HessianOperator(model, lambda y, f: (f - y) ** 2, data, params=[w])
+        H @ np.ones((2, 3))
+        hessop.per_example_gradients(model, lambda y, f: (f - y) ** 2, data, params=[w], concatenate=True)
+        assert "hessop.autodiff.pfor" not in sys.modules
+        """
+    )
+    env = {key: value for key, value in os.environ.items() if key != ENVIRONMENT_VARIABLE}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_block_product_and_per_example_gradients_leave_tensorflow_rules_in_place(mlp, hessop_rules):
     original = dict(tf_pfor._pfor_converter_registry)
     H = HessianOperator(mlp.model, mlp.loss_fn, (mlp.x, mlp.y), hvp_mode="reverse")
     V = RNG.normal(size=(H.shape[0], 3))
@@ -210,7 +241,7 @@ def activation_case(activation: str) -> Case:
 
 @pytest.mark.parametrize("activation", ["relu", "sigmoid"])
 @pytest.mark.parametrize("hvp_mode", ["reverse", "forward"])
-def test_block_products_through_the_rules_match_a_dense_hessian(activation, hvp_mode):
+def test_block_products_through_the_rules_match_a_dense_hessian(activation, hvp_mode, hessop_rules):
     case = activation_case(activation)
     H = HessianOperator(case.model, case.loss_fn, (case.x, case.y), batch_size=5, hvp_mode=hvp_mode)
     V = RNG.normal(size=(H.shape[0], 4))
