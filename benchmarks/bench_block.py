@@ -3,14 +3,14 @@
 Same MLP as bench_hvp.py (784-128-64-10 tanh, N = 2048, batch 512, float32).
 For H, G and GGN: ``A @ V`` with V of shape (P, k) against k calls of
 ``A @ v``, interleaved in one process. The target for k = 10 is a ratio of at
-most 0.6. "Hessian, XLA" is the same with ``jit_compile=True`` (both its
+most 0.5. "Hessian, XLA" is the same with ``jit_compile=True`` (both its
 block and its columns through XLA). "Hessian, hessop's pfor rules" is H
 with ``hvp_mode="reverse"``, its block product traced with hessop's opt-in
 pfor rules (``HESSOP_PFOR_RULES=1``, ``hessop/autodiff/pfor.py``) instead of
-TensorFlow's (its first block call is not a trace). Baseline in the same run: a hand-written reverse-over-reverse HVP
-in TF on tensors, k tangents through ``tf.vectorized_map`` against k calls
-(the issue measured about 0.6 for that), and the matmul FLOPs of that block
-against k single HVPs: the ratio's floor.
+TensorFlow's (its first block call is not a trace). Baseline in the same
+run: a hand-written reverse-over-reverse HVP in TF on tensors, k tangents
+through ``tf.vectorized_map`` against k calls, and the matmul FLOPs of that
+block against k single HVPs: the ratio's floor.
 
     python benchmarks/bench_block.py [--repeats 5] [--k 10]
 """

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import glob
 import statistics
 import tempfile
@@ -126,6 +127,7 @@ def main() -> None:
 
     import hessop
     from hessop.autodiff.pfor import pfor_rules
+    from hessop.operators.hessian import HVP_PRODUCTS
 
     print(machine_info())
     model, loss_fn, x, y = build(args.num_data)
@@ -134,8 +136,9 @@ def main() -> None:
         H = hessop.HessianOperator(model, loss_fn, (x, y), hvp_mode=mode)
         engine = H._engine
         P = engine.num_params
-        block_product = engine.function(f"hvp_{mode}", "block")
-        single = engine._singles[f"hvp_{mode}"]
+        product = HVP_PRODUCTS[mode]
+        block_product = engine.function(product, "block")
+        single = functools.partial(product, engine)
         xt, yt = tf.constant(x), tf.constant(y)
 
         def static_block(k: int):

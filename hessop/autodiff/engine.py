@@ -14,24 +14,16 @@ an op's derivative, as through a Keras RNN's while loop), the block loops
 over its vectors with ``tf.map_fn``; where forward mode cannot pass the
 model, Jacobian-vector products come from two reverse passes. Both warn once.
 
-Products, for a batch with per-example losses ℓ_b and outputs f_b (B×C):
+The per-batch products themselves live with their operators
+(`hessop.operators.hessian`, ``ggn``, ``opg``, ``jacobian``), each a function
+``product(engine, x, y, v[, part])`` of one batch and one flat vector, written
+with the traced building blocks here: `Engine.summed_loss`,
+`Engine.per_example_loss`, `Engine.outputs`, `Engine.gradients` and
+`Engine.linearize`. `Engine.function` compiles one for a vector or a block.
 
-=================  =============  ==========  =====================================
-name               input          output      value
-=================  =============  ==========  =====================================
-``hvp_forward``    v (P,)         (P,)        ∇²(Σ ℓ_b) v, forward-over-reverse
-``hvp_reverse``    v (P,)         (P,)        ∇²(Σ ℓ_b) v, reverse-over-reverse
-``jvp_loss``       v (P,)         (B,)        J_b v (rows of J_b: ∇ℓ_n)
-``vjp_loss``       u (B,)         (P,)        J_bᵀ u
-``opg``            v (P,)         (P,)        J_bᵀ J_b v
-``ggn``            v (P,)         (P,)        J_fᵀ ∇²_f(Σ ℓ_b) J_f v
-``jvp_outputs``    v (P,)         (B·C,)      J_f v, example-major
-``vjp_outputs``    u (B·C,)       (P,)        J_fᵀ u
-=================  =============  ==========  =====================================
-
-The symmetric products (both HVPs, ``opg``, ``ggn``) also come restricted to
-a *part*, a range ``(first, stop)`` of consecutive variables: the tangent
-lives in ``variables[first:stop]`` and the output holds only the rows of
+The symmetric products (H, the OPG, the GGN) also take a *part*, a range
+``(first, stop)`` of consecutive variables: the tangent lives in
+``variables[first:stop]`` and the output holds only the rows of
 ``variables[first:]``. `to_dense` builds the lower block triangle of a
 symmetric matrix from these and mirrors the rest: the tangent then enters
 the graph only where those variables are used, and the backward pass stops
@@ -41,10 +33,11 @@ at the first of them, so a column of a late layer skips the early layers.
 from __future__ import annotations
 
 import functools
+import inspect
 import re
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -61,7 +54,7 @@ try:
 except ImportError:  # pragma: no cover
     keras = None
 
-__all__ = ["Engine", "HVP_MODES", "model_caller", "output_matrix"]
+__all__ = ["HVP_MODES", "TRACE_ERRORS", "Engine", "Product", "TracedOnce", "model_caller", "output_matrix", "traced_error"]
 
 HVP_MODES = ("auto", "forward", "reverse")
 _ZERO = tf.UnconnectedGradients.ZERO
@@ -78,10 +71,6 @@ _MODE_TIMING_SECONDS = 0.25
 # pay for a graph it may not keep, and a long one loses at most the modes'
 # difference over this much work.
 _MODE_SEARCH_AFTER = 4.0
-# Products whose vector has one entry per example (or per output) of the batch.
-_PER_EXAMPLE_INPUTS = frozenset({"vjp_loss", "vjp_outputs"})
-# Products with a restricted form for a part of the variables (see the module docstring).
-_SYMMETRIC_PRODUCTS = frozenset({"hvp_forward", "hvp_reverse", "opg", "ggn"})
 # `variable_parts`: a new part begins at a variable of at least this many
 # entries once the current part has as many, where the count is the larger
 # of _MIN_PART_SIZE and P / _MAX_PARTS. Each part is a graph of its own to
@@ -92,7 +81,10 @@ _MAX_PARTS = 16
 # What TensorFlow raises while tracing when forward mode has no rule for an
 # op, or pfor cannot convert one (e.g. second derivatives through the
 # while loop of a Keras RNN layer).
-_TRACE_ERRORS = (NotImplementedError, LookupError, TypeError, ValueError)
+TRACE_ERRORS = (NotImplementedError, LookupError, TypeError, ValueError)
+# A per-batch product: ``product(engine, x, y, v)`` (symmetric ones also take
+# ``part=``), traced only, for one flat vector ``v``.
+Product = Callable[..., tf.Tensor]
 
 
 def unknown_axes(value: Any, axes: Sequence[int]) -> tf.TensorSpec | None:
@@ -147,7 +139,7 @@ def output_matrix(outputs: Any, batch_size: Any) -> tf.Tensor:
     return tf.concat([tf.reshape(leaf, (batch_size, -1)) for leaf in leaves], axis=1)
 
 
-def _traced_error(error_type: type[Exception], message: str) -> Exception:
+def traced_error(error_type: type[Exception], message: str) -> Exception:
     """An error in the model or loss found while tracing, for the caller as it is.
 
     tf.function's autograph rewrites an error raised in traced code into
@@ -219,7 +211,7 @@ def first_call_on_batch(call: Callable[[], Any], index: int, x: Any, y: Any = No
     after autograph's "in user code:" stack, or as a TensorFlow
     ``InvalidArgumentError`` from graph execution. The error raised here names
     the batch and its shapes and gives that message in one line; the original
-    is its ``__cause__``. hessop's own checks (marked by `_traced_error`) pass
+    is its ``__cause__``. hessop's own checks (marked by `traced_error`) pass
     through unchanged.
     """
     try:
@@ -249,7 +241,7 @@ def first_call_on_batch(call: Callable[[], Any], index: int, x: Any, y: Any = No
         raise error_type(msg) from error
 
 
-class _TracedOnce:
+class TracedOnce:
     """A compiled per-batch function ``f(x, y[, vector])`` traced once for all shapes.
 
     ``tf.function`` traces for the shapes of its first call and traces again,
@@ -444,7 +436,8 @@ class Engine:
         _refuse_mixed_precision(model)
         self.model = model
         self.loss_fn = loss_fn
-        self._call_model = model_caller(model)
+        # ``call_model(x)``: the model's predictions (traced), Keras layers in inference mode.
+        self.call_model = model_caller(model)
         self.variables = resolve_params(model, params)
         self.shapes = [tuple(int(d) for d in v.shape) for v in self.variables]
         self.sizes = [int(np.prod(s, dtype=np.int64)) for s in self.shapes]
@@ -459,26 +452,15 @@ class Engine:
         self._provisional_seconds: dict[str, float] = {}
         self._warned_dtype = False
         self._warned_unconnected = False
-        self.loss_sum = self._compile(self._loss_sum)
         self.loss_values = self._compile(self._loss_values)
-        self.strict_loss_sum = self._compile(lambda x, y: tf.reduce_sum(self._per_example_loss(x, y, strict=True)))
+        self.strict_loss_sum = self._compile(lambda x, y: tf.reduce_sum(self.per_example_loss(x, y, strict=True)))
         # The two loss sums keep the shapes of each batch: they run first, on
         # construction, and check the loss's length against the batch's.
-        self.loss_and_gradient = _TracedOnce(self._compile(self._loss_and_gradient))
-        self.per_example_gradients = _TracedOnce(self._compile(self._per_example_gradients))
-        self.output_jacobian_rows = _TracedOnce(self._compile(self._output_jacobian_rows))
-        self.outputs = self._compile(self._flat_outputs)
-        self._singles: dict[str, Callable[..., tf.Tensor]] = {
-            "hvp_forward": self._hvp_forward,
-            "hvp_reverse": self._hvp_reverse,
-            "jvp_loss": self._jvp_loss,
-            "vjp_loss": self._vjp_loss,
-            "opg": self._opg,
-            "ggn": self._ggn,
-            "jvp_outputs": self._jvp_outputs,
-            "vjp_outputs": self._vjp_outputs,
-        }
-        self._compiled: dict[tuple[str, str, tuple[int, ...] | None], Callable[..., tf.Tensor]] = {}
+        self.loss_and_gradient = TracedOnce(self._compile(self._loss_and_gradient))
+        self.per_example_gradients = TracedOnce(self._compile(self._per_example_gradients))
+        self.output_jacobian_rows = TracedOnce(self._compile(self._output_jacobian_rows))
+        self.flat_outputs = self._compile(self._flat_outputs)
+        self._compiled: dict[tuple[Product, str, tuple[int, ...] | None], Callable[..., tf.Tensor]] = {}
         # The maps (block products, per-example rows) pfor could not vectorise,
         # set on the first trace that needed a loop, so later traces skip the attempt.
         self._looped_maps: set[str] = set()
@@ -488,26 +470,36 @@ class Engine:
     def _compile(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         return compiled(fn, jit_compile=self.jit_compile)
 
-    # -- compiled products --------------------------------------------------------
-    def function(self, name: str, kind: str, part: tuple[int, ...] | None = None) -> Callable[..., tf.Tensor]:
-        """Compiled per-batch product ``name``; ``kind`` "single" (vector) or "block" (k, n).
+    def per_batch(self, fn: Callable[[Any, Any], Any]) -> TracedOnce:
+        """``fn(x, y)`` (traced) compiled once for batches of every size, as the products are."""
+        return TracedOnce(self._compile(fn))
 
-        ``part``: a variable range from `variable_parts`, for the restricted
-        form of a symmetric product (its input has the part's entries, its
-        output those of ``variables[part[0]:]``).
+    # -- compiled products --------------------------------------------------------
+    def function(
+        self, product: Product, kind: str, part: tuple[int, ...] | None = None, *, per_example_input: bool = False
+    ) -> Callable[..., tf.Tensor]:
+        """``product`` compiled for one batch, cached: ``f(x, y, vector)`` or ``f(x, y, block)``.
+
+        ``kind``: "single" for a vector (n,), "block" for k vectors as rows
+        (k, n), vectorised over the rows (one data pass per block). ``part``:
+        a variable range from `variable_parts`, for the restricted form of a
+        symmetric product (its input has the part's entries, its output
+        those of ``variables[part[0]:]``). ``per_example_input``: the vector
+        has one entry per example (or output) of the batch, as for Jᵀu.
         """
-        key = (name, kind, part)
+        key = (product, kind, part)
         if key not in self._compiled:
-            single = self._singles[name]
+            name = getattr(product, "__name__", "product")
+            single = functools.partial(product, self)
             if part is not None:
-                if name not in _SYMMETRIC_PRODUCTS:
-                    msg = f"part: only the symmetric products {sorted(_SYMMETRIC_PRODUCTS)} take one, not {name!r}."
+                if "part" not in inspect.signature(product).parameters:
+                    msg = f"part: {name} has no restricted form; only the symmetric products (H, OPG, GGN) take one."
                     raise ValueError(msg)
                 single = functools.partial(single, part=part)
             if kind == "single":
                 # Traced with exactly (x, y, vector): a concrete function whose
-                # signature also holds an unfilled default (the methods'
-                # part=None) is slower to call.
+                # signature also holds an unfilled default (part=None) is
+                # slower to call.
                 def fn(x: Any, y: Any, vector: tf.Tensor) -> tf.Tensor:
                     return single(x, y, vector)
 
@@ -519,10 +511,12 @@ class Engine:
                         f"block products ({name})", lambda v: single(x, y, v), block, "the vectors of a block", "single products"
                     )
 
-            self._compiled[key] = _TracedOnce(
-                self._compile(fn), block=kind == "block", per_example_vector=name in _PER_EXAMPLE_INPUTS
-            )
+            self._compiled[key] = TracedOnce(self._compile(fn), block=kind == "block", per_example_vector=per_example_input)
         return self._compiled[key]
+
+    def traced_products(self) -> set[tuple[str, str, tuple[int, ...] | None]]:
+        """``(product name, kind, part)`` of each per-batch product compiled so far."""
+        return {(getattr(product, "__name__", "product"), kind, part) for product, kind, part in self._compiled}
 
     def _vectorized_map(self, what: str, fn: Callable[[Any], tf.Tensor], elems: Any, items: str, costs: str) -> tf.Tensor:
         """``fn`` over the leading axis of ``elems`` (traced only): vectorised by pfor where it converts every op.
@@ -536,7 +530,7 @@ class Engine:
             try:
                 with engine_rules(), quiet_conversion_errors():
                     return tf.vectorized_map(fn, elems)
-            except _TRACE_ERRORS as error:
+            except TRACE_ERRORS as error:
                 reason = error
         looped = tf.map_fn(fn, elems, fn_output_signature=self.dtype)
         if what not in self._looped_maps:
@@ -548,9 +542,17 @@ class Engine:
         return looped
 
     def hvp_function(
-        self, kind: str, x: Any, y: Any, probe: tf.Tensor, part: tuple[int, ...] | None = None
+        self,
+        products: Mapping[str, Product],
+        kind: str,
+        x: Any,
+        y: Any,
+        probe: tf.Tensor,
+        part: tuple[int, ...] | None = None,
     ) -> Callable[..., tf.Tensor]:
         """The compiled per-batch HVP for ``kind`` in {"single", "block"} (restricted to ``part``, if given).
+
+        ``products`` maps the modes "forward" and "reverse" to their products.
 
         With ``hvp_mode="auto"`` it is reverse-over-reverse (the mode that
         always works and traces fastest) until those products, as reported by
@@ -562,14 +564,14 @@ class Engine:
         if self.hvp_mode == "auto" and kind not in self._chosen_mode:
             if kind not in self._reverse_trace_seconds:
                 began = time.perf_counter()
-                self.function("hvp_reverse", kind, part)(x, y, probe).numpy()  # trace
+                self.function(products["reverse"], kind, part)(x, y, probe).numpy()  # trace
                 self._reverse_trace_seconds[kind] = time.perf_counter() - began
                 self._provisional_seconds[kind] = 0.0
             if self._forward_mode_unavailable:
                 self._chosen_mode[kind] = "reverse"  # found (and reported) while tracing
             elif self._provisional_seconds[kind] >= _MODE_SEARCH_AFTER * self._reverse_trace_seconds[kind]:
-                self._choose_mode(kind, x, y, probe, part)
-        return self.function(f"hvp_{self.hvp_mode_in_use(kind)}", kind, part)
+                self._choose_mode(products, kind, x, y, probe, part)
+        return self.function(products[self.hvp_mode_in_use(kind)], kind, part)
 
     def hvp_mode_in_use(self, kind: str) -> str:
         """The mode of the HVPs of ``kind`` now: "forward" or "reverse" (also while "auto" has not searched)."""
@@ -582,15 +584,17 @@ class Engine:
         if kind in self._provisional_seconds and kind not in self._chosen_mode:
             self._provisional_seconds[kind] += seconds
 
-    def _choose_mode(self, kind: str, x: Any, y: Any, probe: tf.Tensor, part: tuple[int, ...] | None = None) -> str:
+    def _choose_mode(
+        self, products: Mapping[str, Product], kind: str, x: Any, y: Any, probe: tf.Tensor, part: tuple[int, ...] | None = None
+    ) -> str:
         candidates: dict[str, Callable[..., tf.Tensor]] = {}
         for mode in ("reverse", "forward"):
             if mode == "forward" and self._forward_mode_unavailable:
                 continue  # found (and reported) while tracing the other kind
-            fn = self.function(f"hvp_{mode}", kind, part)
+            fn = self.function(products[mode], kind, part)
             try:
                 fn(x, y, probe).numpy()  # trace
-            except _TRACE_ERRORS as err:
+            except TRACE_ERRORS as err:
                 if mode == "reverse":
                     raise
                 # Some ops have no forward-mode rule; reverse-over-reverse always works.
@@ -662,16 +666,13 @@ class Engine:
         return tf.concat([tf.reshape(t, [-1]) for t in tensors], axis=0)
 
     # -- model and loss (traced) ---------------------------------------------------
-    def _outputs(self, x: Any) -> tf.Tensor:
+    def outputs(self, x: Any) -> tf.Tensor:
         """Model outputs as a (B, C) tensor (`output_matrix`)."""
-        out = self._call_model(x)
+        out = self.call_model(x)
         if not tf.nest.flatten(out):
             msg = f"model: expected output tensors, got {type(out).__name__} with none."
-            raise _traced_error(TypeError, msg)
+            raise traced_error(TypeError, msg)
         return output_matrix(out, _batch_size_of(x))
-
-    def _flat_outputs(self, x: Any) -> tf.Tensor:
-        return tf.reshape(self._outputs(x), [-1])
 
     def _loss_values(self, x: Any, y: Any, predictions: Any = None) -> tf.Tensor:
         """The loss's values as ``loss_fn`` returns them, as [B] (or a scalar batch mean), weighted.
@@ -681,16 +682,16 @@ class Engine:
         """
         if self.loss_fn is None:
             msg = "loss_fn: this operation needs a loss function, got None."
-            raise _traced_error(ValueError, msg)
+            raise traced_error(ValueError, msg)
         weights = None
         if isinstance(y, WeightedTargets):
             y, weights = y
         if predictions is None:
-            predictions = self._call_model(x)
+            predictions = self.call_model(x)
         loss = tf.convert_to_tensor(self.loss_fn(y, predictions))
         if not loss.dtype.is_floating:
             msg = f"loss_fn: expected a floating-point loss, got dtype {loss.dtype.name}."
-            raise _traced_error(TypeError, msg)
+            raise traced_error(TypeError, msg)
         if loss.dtype != self.dtype and not self._warned_dtype:
             self._warned_dtype = True
             _warn_loss_dtype(loss.dtype, self.dtype)
@@ -703,11 +704,11 @@ class Engine:
                 f"batch mean; got shape {loss.shape}. Use reduction=None or reduce over "
                 "non-batch axes inside loss_fn."
             )
-            raise _traced_error(ValueError, msg)
+            raise traced_error(ValueError, msg)
         static_b = tf.get_static_value(_batch_size_of(x))
         if rank and loss.shape[0] is not None and static_b is not None and int(loss.shape[0]) != int(static_b):
             msg = f"loss_fn: returned {loss.shape[0]} per-example losses for a batch of {static_b} examples."
-            raise _traced_error(ValueError, msg)
+            raise traced_error(ValueError, msg)
         loss = tf.cast(loss, self.dtype)
         if weights is not None:
             if rank == 0:
@@ -715,11 +716,14 @@ class Engine:
                     "loss_fn: sample weights need per-example losses (shape [B]), but the loss is a scalar "
                     "batch mean; for Keras losses pass the loss object itself, or reduction=None."
                 )
-                raise _traced_error(ValueError, msg)
+                raise traced_error(ValueError, msg)
             loss = loss * tf.reshape(tf.cast(weights, self.dtype), [-1])
         return loss
 
-    def _per_example_loss(self, x: Any, y: Any, predictions: Any = None, *, strict: bool = False) -> tf.Tensor:
+    def _flat_outputs(self, x: Any) -> tf.Tensor:
+        return tf.reshape(self.outputs(x), [-1])
+
+    def per_example_loss(self, x: Any, y: Any, predictions: Any = None, *, strict: bool = False) -> tf.Tensor:
         """Per-example losses, shape [B].
 
         A scalar loss is read as the batch mean (as Keras loss functions with a
@@ -736,19 +740,20 @@ class Engine:
                     "object (hessop reads its per-example values whatever its reduction) or a loss_fn that "
                     "returns one value per example."
                 )
-                raise _traced_error(ValueError, msg)
+                raise traced_error(ValueError, msg)
             return tf.fill([_batch_size_of(x)], loss)
         return loss
 
-    def _loss_sum(self, x: Any, y: Any) -> tf.Tensor:
-        return tf.reduce_sum(self._per_example_loss(x, y))
+    def summed_loss(self, x: Any, y: Any) -> tf.Tensor:
+        """The batch's loss summed over its examples (traced)."""
+        return tf.reduce_sum(self.per_example_loss(x, y))
 
     def _loss_and_gradient(self, x: Any, y: Any) -> tuple[tf.Tensor, tf.Tensor]:
         with tf.GradientTape() as tape:
-            loss = self._loss_sum(x, y)
-        return loss, self.concat(self._gradient_parts(tape, loss))
+            loss = self.summed_loss(x, y)
+        return loss, self.concat(self.gradients(tape, loss))
 
-    def _gradient_parts(
+    def gradients(
         self,
         tape: tf.GradientTape,
         target: tf.Tensor,
@@ -757,7 +762,7 @@ class Engine:
         *,
         second_order: bool = False,
     ) -> list[tf.Tensor]:
-        """Gradients of ``target``, zeros where unconnected.
+        """Gradients of ``target`` with respect to ``variables`` (default all), zeros where unconnected.
 
         A first derivative (of the loss or outputs) that is unconnected means
         the loss does not depend on the variable as TensorFlow sees it, which
@@ -787,7 +792,7 @@ class Engine:
             "left out with params=[...]."
         )
 
-    def _linearize(self, compute: Callable[[], Any], v: tf.Tensor, part: tuple[int, ...] | None = None) -> tuple[Any, Any]:
+    def linearize(self, compute: Callable[[], Any], v: tf.Tensor, part: tuple[int, ...] | None = None) -> tuple[Any, Any]:
         """``compute()`` and its Jacobian-vector product along the flat ``v``.
 
         Forward mode (``ForwardAccumulator``) where TensorFlow has forward
@@ -804,14 +809,14 @@ class Engine:
                 with tf.autodiff.ForwardAccumulator(variables, tangents) as acc:
                     value = compute()
                 return value, acc.jvp(value, unconnected_gradients=_ZERO)
-            except _TRACE_ERRORS as error:
+            except TRACE_ERRORS as error:
                 self._forward_mode_reason = _error_summary(error)
         with tf.GradientTape() as dual:
             with tf.GradientTape() as primal:
                 value = compute()
             cotangent = tf.nest.map_structure(tf.zeros_like, value)
             dual.watch(cotangent)
-            vjp = self._gradient_parts(primal, value, cotangent, variables)
+            vjp = self.gradients(primal, value, cotangent, variables)
             dot = tf.add_n([tf.reduce_sum(g * t) for g, t in zip(vjp, tangents)])
         jvp = dual.gradient(dot, cotangent, unconnected_gradients=_ZERO)
         if not self._forward_mode_unavailable:
@@ -822,51 +827,10 @@ class Engine:
             )
         return value, jvp
 
-    # -- Hessian-vector products (traced) ---------------------------------------
-    def _hvp_forward(self, x: Any, y: Any, v: tf.Tensor, part: tuple[int, ...] | None = None) -> tf.Tensor:
-        tangent_variables, row_variables = self.part_variables(part)
-        try:
-            with tf.autodiff.ForwardAccumulator(tangent_variables, self.split(v, part)) as acc:
-                with tf.GradientTape() as tape:
-                    loss = self._loss_sum(x, y)
-                grads = self._gradient_parts(tape, loss, variables=row_variables)
-        except _TRACE_ERRORS as error:
-            # A mistake in the model or loss fails the same way without the
-            # accumulator: raise that one as it is.
-            self._loss_sum(x, y)
-            self._forward_mode_reason = _error_summary(error)
-            msg = (
-                "hvp_mode='forward': forward-mode autodiff is unavailable for this model "
-                f"({self._forward_mode_reason}); use hvp_mode='reverse' or 'auto'."
-            )
-            raise _traced_error(ValueError, msg) from error
-        return self.concat(acc.jvp(grads, unconnected_gradients=_ZERO))
-
-    def _hvp_reverse(self, x: Any, y: Any, v: tf.Tensor, part: tuple[int, ...] | None = None) -> tf.Tensor:
-        tangent_variables, row_variables = self.part_variables(part)
-        tangents = self.split(tf.stop_gradient(v), part)
-        with tf.GradientTape() as outer:
-            with tf.GradientTape() as inner:
-                loss = self._loss_sum(x, y)
-            grads = self._gradient_parts(inner, loss, variables=tangent_variables)
-            dot = tf.add_n([tf.reduce_sum(g * t) for g, t in zip(grads, tangents)])
-        return self.concat(self._gradient_parts(outer, dot, variables=row_variables, second_order=True))
-
-    # -- per-example loss Jacobian (traced) -----------------------------------------
-    def _jvp_loss(self, x: Any, y: Any, v: tf.Tensor) -> tf.Tensor:
-        return self._linearize(lambda: self._per_example_loss(x, y, strict=True), v)[1]
-
-    def _vjp_loss(self, x: Any, y: Any, u: tf.Tensor) -> tf.Tensor:
-        with tf.GradientTape() as tape:
-            losses = self._per_example_loss(x, y, strict=True)
-        return self.concat(self._gradient_parts(tape, losses, tf.stop_gradient(u)))
-
-    def _opg(self, x: Any, y: Any, v: tf.Tensor, part: tuple[int, ...] | None = None) -> tf.Tensor:
-        # One forward pass carries both modes: J v forward, then J^T (J v) backward.
-        with tf.GradientTape() as tape:
-            losses, jv = self._linearize(lambda: self._per_example_loss(x, y, strict=True), v, part)
-        rows = self.part_variables(part)[1]
-        return self.concat(self._gradient_parts(tape, losses, tf.stop_gradient(jv), rows))
+    def forward_mode_failed(self, error: BaseException) -> str:
+        """Record that forward mode cannot pass the model (``error``, from tracing) and return the reason."""
+        self._forward_mode_reason = _error_summary(error)
+        return self._forward_mode_reason
 
     # -- per-example rows (traced) ---------------------------------------------------
     # One derivative per example, vectorised over the batch's examples, each
@@ -875,7 +839,7 @@ class Engine:
     # and memory (benchmarks/bench_per_example.py).
     # Examples are independent, as everywhere in hessop: the same curvature
     # comes from any batch size.
-    def _per_example(self, what: str, single: Callable[[Any, Any], tf.Tensor], x: Any, y: Any) -> tf.Tensor:
+    def per_example(self, what: str, single: Callable[[Any, Any], tf.Tensor], x: Any, y: Any) -> tf.Tensor:
         """``single(x_n, y_n)`` on each example n as a batch of one, stacked along a new first axis."""
 
         def one(example: tuple[Any, ...]) -> tf.Tensor:
@@ -890,49 +854,19 @@ class Engine:
 
         def gradient(xn: Any, yn: Any) -> tf.Tensor:
             with tf.GradientTape() as tape:
-                loss = tf.reduce_sum(self._per_example_loss(xn, yn, strict=True))
-            return self.concat(self._gradient_parts(tape, loss))
+                loss = tf.reduce_sum(self.per_example_loss(xn, yn, strict=True))
+            return self.concat(self.gradients(tape, loss))
 
-        return self._per_example("per-example gradients", gradient, x, y)
+        return self.per_example("per-example gradients", gradient, x, y)
 
     def _output_jacobian_rows(self, x: Any, y: Any = None) -> tf.Tensor:
-        """(B·C, P) rows of the output Jacobian, example-major (the order of `jvp_outputs`); y is not used."""
+        """(B·C, P) rows of the output Jacobian, example-major (J's row order); y is not used."""
 
         def jacobian(xn: Any, _: Any) -> tf.Tensor:
             with tf.GradientTape() as tape:
-                outputs = self._outputs(xn)[0]
+                outputs = self.outputs(xn)[0]
             parts = tape.jacobian(outputs, self.variables, unconnected_gradients=_ZERO, experimental_use_pfor=True)
             return tf.concat([tf.reshape(part, (tf.shape(outputs)[0], -1)) for part in parts], axis=1)
 
-        rows = self._per_example("output Jacobians", jacobian, x, None)  # outputs need no targets: y is not sliced
+        rows = self.per_example("output Jacobians", jacobian, x, None)  # outputs need no targets: y is not sliced
         return tf.reshape(rows, (-1, self.num_params))
-
-    # -- output Jacobian and GGN (traced) -------------------------------------------
-    def _jvp_outputs(self, x: Any, y: Any, v: tf.Tensor) -> tf.Tensor:
-        return tf.reshape(self._linearize(lambda: self._outputs(x), v)[1], [-1])
-
-    def _vjp_outputs(self, x: Any, y: Any, u: tf.Tensor) -> tf.Tensor:
-        with tf.GradientTape() as tape:
-            outputs = self._outputs(x)
-        cotangent = tf.reshape(tf.stop_gradient(u), tf.shape(outputs))
-        return self.concat(self._gradient_parts(tape, outputs, cotangent))
-
-    def _ggn(self, x: Any, y: Any, v: tf.Tensor, part: tuple[int, ...] | None = None) -> tf.Tensor:
-        with tf.GradientTape() as tape:
-            predictions, jv = self._linearize(lambda: self._call_model(x), v, part)
-        # Hessian of the summed loss w.r.t. the outputs, times J v. Losses are
-        # separable over examples, so this is the per-example Hessian blocks at once.
-        # Outputs may be a structure (a dict or list of heads): the loss's
-        # Hessian then couples the heads, as for one concatenated output.
-        fixed = tf.nest.map_structure(tf.stop_gradient, predictions)
-        with tf.GradientTape() as outer:
-            outer.watch(fixed)
-            with tf.GradientTape() as inner:
-                inner.watch(fixed)
-                loss = tf.reduce_sum(self._per_example_loss(x, y, fixed))
-            grad_f = inner.gradient(loss, fixed, unconnected_gradients=_ZERO)
-            pairs = zip(tf.nest.flatten(grad_f), tf.nest.flatten(jv))
-            dot = tf.add_n([tf.reduce_sum(g * tf.stop_gradient(t)) for g, t in pairs])
-        hjv = tf.nest.map_structure(tf.stop_gradient, outer.gradient(dot, fixed, unconnected_gradients=_ZERO))
-        rows = self.part_variables(part)[1]
-        return self.concat(self._gradient_parts(tape, predictions, hjv, rows))

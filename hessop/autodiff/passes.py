@@ -38,6 +38,11 @@ def _examples(x: Any) -> tf.Tensor:
     return tf.shape(tf.nest.flatten(x)[0])[0]
 
 
+def _zeros(rows: tf.Tensor, output_size: int) -> tf.Tensor:
+    """The sum's start: ``rows.shape[:-1] + (output_size,)`` zeros (traced; the block width is unknown)."""
+    return tf.zeros(tf.concat([tf.shape(rows)[:-1], [output_size]], 0), dtype=rows.dtype)
+
+
 class FusedPasses:
     """Compiled whole-data passes over ``batches``, cached per per-batch function.
 
@@ -110,8 +115,7 @@ class FusedPasses:
 
         def make() -> Callable[[tf.Tensor], tf.Tensor]:
             def whole(rows: tf.Tensor) -> tf.Tensor:
-                zeros = tf.zeros(tf.concat([tf.shape(rows)[:-1], [output_size]], 0), dtype=rows.dtype)
-                return self._fold(lambda x, y, first, stop, total: total + fn(x, y, rows), zeros)
+                return self._fold(lambda x, y, first, stop, total: total + fn(x, y, rows), _zeros(rows, output_size))
 
             return whole
 
@@ -142,12 +146,10 @@ class FusedPasses:
 
         def make() -> Callable[[tf.Tensor], tf.Tensor]:
             def whole(rows: tf.Tensor) -> tf.Tensor:
-                zeros = tf.zeros(tf.concat([tf.shape(rows)[:-1], [output_size]], 0), dtype=rows.dtype)
-
                 def step(x: Any, y: Any, first: tf.Tensor, stop: tf.Tensor, total: tf.Tensor) -> tf.Tensor:
                     return total + fn(x, y, rows[..., first * rows_per_example : stop * rows_per_example])
 
-                return self._fold(step, zeros)
+                return self._fold(step, _zeros(rows, output_size))
 
             return whole
 

@@ -19,6 +19,7 @@ __all__ = [
     "dense_from_operator",
     "hooks_of",
     "lower_block_product",
+    "proc_bytes",
     "unit_blocks",
 ]
 
@@ -301,14 +302,15 @@ class _MemoryWatch:
 
 def _status_bytes(field: str) -> int | None:
     """A memory field of /proc/self/status (in kB there) in bytes, or None off Linux."""
-    return _proc_kilobytes("/proc/self/status", field)
+    return proc_bytes("/proc/self/status", field)
 
 
 def _meminfo_bytes(field: str) -> int | None:
-    return _proc_kilobytes("/proc/meminfo", field)
+    return proc_bytes("/proc/meminfo", field)
 
 
-def _proc_kilobytes(path: str, field: str) -> int | None:
+def proc_bytes(path: str, field: str) -> int | None:
+    """A field of a Linux /proc file given in kB (``VmHWM`` of /proc/self/status, say), in bytes; None where unreadable."""
     try:
         with open(path) as f:
             for line in f:

@@ -35,7 +35,7 @@ import numpy as np
 import tensorflow as tf
 
 from hessop.autodiff.data import examples_in, slice_examples
-from hessop.autodiff.engine import _ZERO, _TracedOnce
+from hessop.autodiff.engine import TracedOnce
 
 try:
     import keras
@@ -51,6 +51,8 @@ _CHUNK_BYTES = 64 * 2**20
 # Hessian-vector products of one example at once (pfor over both), each
 # with its own activations: c is cut to keep c·d_out at most this.
 _TANGENTS_AT_ONCE = 8192
+
+_ZERO = tf.UnconnectedGradients.ZERO
 
 
 @dataclass(frozen=True)
@@ -139,7 +141,7 @@ def _model_inputs(model: Any) -> Any:
     return model.input
 
 
-def factors_function(engine: Any, dense_kernel: DenseKernel, curvature: str) -> _TracedOnce:
+def factors_function(engine: Any, dense_kernel: DenseKernel, curvature: str) -> TracedOnce:
     """Compiled ``(x, y) -> (X, M)``: the layer's inputs (B, d_in) and per-example curvatures of the bias (B, d_out, d_out).
 
     ``curvature``: "hessian" (∂²ℓ_n/∂b²) or "ggn" (J_bᵀ ∇²_f ℓ_n J_b, with
@@ -152,14 +154,14 @@ def factors_function(engine: Any, dense_kernel: DenseKernel, curvature: str) -> 
         with tf.GradientTape() as outer:
             with tf.GradientTape() as inner:
                 # A batch of one: a scalar (batch-mean) loss is this example's loss.
-                loss = tf.reduce_sum(engine._per_example_loss(xn, yn))
+                loss = tf.reduce_sum(engine.per_example_loss(xn, yn))
             gradient = inner.gradient(loss, bias, unconnected_gradients=_ZERO)
         return outer.jacobian(gradient, bias, unconnected_gradients=_ZERO, experimental_use_pfor=True)
 
     def bias_ggn(xn: Any, yn: Any) -> tf.Tensor:
-        # As Engine._ggn: several output heads are one output, in tf.nest.flatten order.
+        # As hessop.operators.ggn.ggn: several output heads are one output, in tf.nest.flatten order.
         with tf.GradientTape() as tape:
-            predictions = engine._call_model(xn)
+            predictions = engine.call_model(xn)
             outputs = tf.concat([tf.reshape(head, [-1]) for head in tf.nest.flatten(predictions)], axis=0)
         output_jacobian = tape.jacobian(outputs, bias, unconnected_gradients=_ZERO, experimental_use_pfor=True)  # (C, d_out)
         fixed = tf.nest.map_structure(tf.stop_gradient, predictions)
@@ -167,7 +169,7 @@ def factors_function(engine: Any, dense_kernel: DenseKernel, curvature: str) -> 
             outer.watch(fixed)
             with tf.GradientTape() as inner:
                 inner.watch(fixed)
-                loss = tf.reduce_sum(engine._per_example_loss(xn, yn, fixed))
+                loss = tf.reduce_sum(engine.per_example_loss(xn, yn, fixed))
             gradient = tf.concat(
                 [tf.reshape(g, [-1]) for g in tf.nest.flatten(inner.gradient(loss, fixed, unconnected_gradients=_ZERO))], 0
             )
@@ -179,10 +181,10 @@ def factors_function(engine: Any, dense_kernel: DenseKernel, curvature: str) -> 
 
     def factors(x: Any, y: Any) -> tuple[tf.Tensor, tf.Tensor]:
         inputs = tf.cast(dense_kernel.layer_inputs(x, training=False), engine.dtype)
-        curvatures = engine._per_example(f"per-example bias curvatures ({curvature})", single, x, y)
+        curvatures = engine.per_example(f"per-example bias curvatures ({curvature})", single, x, y)
         return inputs, curvatures
 
-    return _TracedOnce(engine._compile(factors))
+    return engine.per_batch(factors)
 
 
 @tf.function(reduce_retracing=True)
@@ -192,7 +194,7 @@ def _kronecker_sum(inputs: tf.Tensor, curvatures: tf.Tensor) -> tf.Tensor:
     return tf.matmul(outer, tf.reshape(curvatures, [tf.shape(curvatures)[0], -1]), transpose_a=True)
 
 
-def kernel_block(batches: Any, factors: _TracedOnce, dense_kernel: DenseKernel, scale: float) -> np.ndarray:
+def kernel_block(batches: Any, factors: TracedOnce, dense_kernel: DenseKernel, scale: float) -> np.ndarray:
     """The kernel's block (d_in·d_out square, the compute dtype) summed over ``batches`` of (x, y), times ``scale``.
 
     ``factors``: the `factors_function` of the engine and kernel. Raises one
@@ -219,7 +221,7 @@ def kernel_block(batches: Any, factors: _TracedOnce, dense_kernel: DenseKernel, 
     return tf.reshape(block, (dense_kernel.size, dense_kernel.size)).numpy() * scale
 
 
-def _factor_pieces(batches: Any, factors: _TracedOnce, examples: int) -> Any:
+def _factor_pieces(batches: Any, factors: TracedOnce, examples: int) -> Any:
     """``factors`` of each batch, ``examples`` examples at a time."""
     for x, y in batches:
         for first in range(0, examples_in(x), examples):

@@ -17,8 +17,11 @@ read it as few times as possible:
 The projection Qᵀx splits the rows into contiguous chunks, each accumulating
 into its own partial result, so no atomics are needed; the expansion and the
 diagonal are independent per row. Vectors (m = 1) and blocks have separate
-kernels: a vector's inner loop runs over K; a block's kernels are built on the
-register tiles of ``_simd.outer_product_tile``.
+kernels: a vector's inner loop runs over K. Blocks go through float64 BLAS
+on chunks of rows by default; with ``HESSOP_SIMD_TILES=1`` they run numba
+kernels built on the LLVM-IR register tiles of `hessop.lowrank.simd`, which
+convert in L1-sized pieces and run at about sgemm's speed
+(`hessop.lowrank.tiles`).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from hessop.lowrank.simd import TILE_ROWS, VECTOR_WIDTH, outer_product_tile
+from hessop.lowrank.tiles import SIMD_TILES, TILE_ROWS, VECTOR_WIDTH
 
 __all__ = ["KERNELS", "ENGINES"]
 
@@ -61,13 +64,17 @@ def _project_vector(Q, x, out):
         out += partial[t]
 
 
-# Block kernels (m ≥ 2). Both are blocked around the register tiles of
-# ``_simd.outer_product_tile`` (numba's loop vectoriser alone cannot keep an
-# accumulator tile in registers): rows of Q and X are first converted to
-# float64 into small scratch buffers that stay in L1, and the tiles read those.
+# Opt-in block kernels (m ≥ 2, HESSOP_SIMD_TILES=1). Both are blocked around
+# the register tiles of `hessop.lowrank.simd`: rows of Q and X are first
+# converted to float64 into small scratch buffers that stay in L1, and the
+# tiles read those. Without the opt-in they never compile, and the LLVM-IR
+# module is never imported.
 _PROJECT_ROWS = 16  # rows converted per step; of 8, 16, 24, 32, 64, 128 and 256 rows, 8–16 were fastest
-_tile_wide = outer_product_tile(TILE_ROWS, 2)
-_tile_narrow = outer_product_tile(TILE_ROWS, 1)
+if SIMD_TILES:
+    from hessop.lowrank.simd import outer_product_tile
+
+    _tile_wide = outer_product_tile(TILE_ROWS, 2)
+    _tile_narrow = outer_product_tile(TILE_ROWS, 1)
 
 
 @njit(cache=True)
@@ -185,14 +192,18 @@ def _expand_block(Q, C, X, tail, out):
 def _project_numba(Q, X, out):
     if X.shape[1] == 1:
         _project_vector(Q, X[:, 0], out[:, 0])
-    else:
+    elif SIMD_TILES:
         _project_block(Q, X, out)
+    else:
+        _project_blas(Q, X, out)
 
 
 def _expand_numba(Q, C, X, tail, out):
     m = X.shape[1]
     if m == 1:
         _expand_vector(Q, np.ascontiguousarray(C[:, 0]), X[:, 0], tail, out[:, 0])
+    elif not SIMD_TILES:
+        _expand_blas(Q, C, X, tail, out)
     else:
         C_padded = np.zeros((C.shape[0], (m + VECTOR_WIDTH - 1) // VECTOR_WIDTH * VECTOR_WIDTH))
         C_padded[:, :m] = C
@@ -208,6 +219,33 @@ def _diagonal_numba(Q, shifted, tail, out):
             qik = np.float64(Q[i, k])
             value += shifted[k] * qik * qik
         out[i] = value
+
+
+# -- default block kernels: float64 BLAS on chunks of rows ---------------------------------
+# Rows of Q and X converted to float64 at a time, so that the float64 copies
+# stay small (about 2 MB for K = 50, in cache) whatever P; of 4,096, 16,384
+# and 65,536 rows, 4,096 was fastest.
+_BLAS_ROWS = 4096
+
+
+def _row_chunks(P):
+    return ((start, min(P, start + _BLAS_ROWS)) for start in range(0, P, _BLAS_ROWS))
+
+
+def _project_blas(Q, X, out):
+    for start, stop in _row_chunks(Q.shape[0]):
+        q = Q[start:stop].astype(np.float64, copy=False)
+        x = X[start:stop].astype(np.float64, copy=False)
+        out[:-1] += q.T @ x
+        out[-1] += np.einsum("ij,ij->j", x, x)
+
+
+def _expand_blas(Q, C, X, tail, out):
+    for start, stop in _row_chunks(Q.shape[0]):
+        rows = Q[start:stop].astype(np.float64, copy=False) @ C
+        if tail:
+            rows += tail * X[start:stop].astype(np.float64, copy=False)
+        out[start:stop] = rows
 
 
 # -- numpy twins ---------------------------------------------------------------------

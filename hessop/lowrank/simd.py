@@ -1,4 +1,8 @@
-"""Register-tiled float64 multiply-accumulate loops for numba kernels, in LLVM IR.
+"""Register-tiled float64 multiply-accumulate loops for numba kernels, in LLVM IR (opt-in).
+
+Loaded only with ``HESSOP_SIMD_TILES=1`` (`hessop.lowrank.tiles`): it writes
+LLVM IR through llvmlite's builder and numba's code-generation helpers,
+whose interfaces may change with their releases.
 
 numba leaves LLVM's SLP vectoriser off (numba/numba#8852: it miscompiled), so
 a register-tiled micro-kernel written as scalar Python stays scalar; the loop
@@ -19,37 +23,14 @@ register file of the CPU numba compiles for.
 
 from __future__ import annotations
 
-import llvmlite.binding
-import numba
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from hessop.lowrank.tiles import TILE_ROWS, VECTOR_WIDTH
+
 __all__ = ["TILE_ROWS", "VECTOR_WIDTH", "outer_product_tile"]
-
-
-def _target_features() -> str:
-    """The CPU features numba compiles for, from its documented settings.
-
-    ``NUMBA_CPU_FEATURES`` if set; else, for a CPU named by ``NUMBA_CPU_NAME``
-    (other than "host"), none assumed (LLVM knows that CPU's features; the
-    smaller tiles are correct on any CPU); else the host's.
-    """
-    if numba.config.CPU_FEATURES:
-        return str(numba.config.CPU_FEATURES)
-    if numba.config.CPU_NAME and str(numba.config.CPU_NAME).lower() != "host":
-        return ""
-    return llvmlite.binding.get_host_cpu_features().flatten()
-
-
-_HAS_AVX512 = "+avx512f" in _target_features().split(",")
-
-#: doubles per vector: one zmm register with AVX-512, one ymm otherwise.
-VECTOR_WIDTH = 8 if _HAS_AVX512 else 4
-#: accumulator rows of a tile two vectors wide: 16 of AVX-512's 32 vector
-#: registers, 8 of AVX2's 16, leaving room for the loads and the broadcast.
-TILE_ROWS = 8 if _HAS_AVX512 else 4
 
 
 def outer_product_tile(rows: int, vectors: int):

@@ -8,9 +8,10 @@ non-finite results. Subclasses supply one per-batch function.
 from __future__ import annotations
 
 import functools
+import inspect
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 import numpy as np
 import tensorflow as tf
@@ -21,17 +22,76 @@ from tqdm.auto import tqdm
 from hessop._validation import check_finite_array, non_finite_rows, warn
 from hessop.autodiff.data import Batches, examples_in, slice_examples
 from hessop.autodiff.distribute import Replicas, resolve_strategy
-from hessop.autodiff.engine import _TRACE_ERRORS, Engine, check_parameter_paths, first_call_on_batch
+from hessop.autodiff.engine import TRACE_ERRORS, Engine, Product, check_parameter_paths, first_call_on_batch
 from hessop.autodiff.losses import resolve_loss
 from hessop.autodiff.passes import FusedPasses
 from hessop.dense.columns import DEFAULT_MAX_DENSE, DenseHooks, dense_from_operator
 from hessop.dense.kronecker import factors_function, find_dense_kernel, kernel_block
+from hessop.operators.blocks import BlockPlan, MemoryProbe
 
-__all__ = ["DataPassOperator", "SymmetricDataPassOperator", "as_numpy_dtype"]
+__all__ = [
+    "CurvatureOptions",
+    "DataPassOperator",
+    "PassOptions",
+    "SymmetricDataPassOperator",
+    "as_numpy_dtype",
+    "with_options",
+]
 
 REDUCTIONS = ("mean", "sum")
 # Seed of the two random tangents that check a closed-form kernel block.
 _CHECK_SEED = 0
+
+
+class PassOptions(TypedDict, total=False):
+    """The keyword options every data-pass operator takes; `HessianOperator` documents them."""
+
+    params: Sequence[Any] | None
+    batch_size: int | None
+    dtype: Any
+    progress: bool
+    check_deterministic: bool
+    strategy: Any
+    jit_compile: bool
+
+
+class CurvatureOptions(PassOptions, total=False):
+    """`PassOptions` and the reduction of the square operators (H, the OPG, the GGN)."""
+
+    reduction: str
+
+
+def with_options(options: type) -> Callable[[type], type]:
+    """Class decorator: the constructor's ``**options`` shown as the keywords of ``options`` with their defaults.
+
+    The defaults live once, in `DataPassOperator.__init__`; this gives
+    ``help()`` and ``inspect.signature`` the full signature, and names an
+    unknown keyword in the error.
+    """
+
+    def decorate(cls: type) -> type:
+        init = cls.__init__
+        own = inspect.signature(init).parameters
+        defaults = inspect.signature(DataPassOperator.__init__).parameters
+        annotations = {name: getattr(a, "__forward_arg__", a) for name, a in options.__annotations__.items()}
+        names = tuple(annotations)
+        parameters = [p for p in own.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+        parameters += [defaults[name].replace(annotation=annotations[name]) for name in names]
+        signature = inspect.Signature(parameters, return_annotation=None)
+
+        @functools.wraps(init)
+        def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+            unknown = sorted(set(kwargs) - set(own) - set(names))
+            if unknown:
+                msg = f"{cls.__name__}() got unexpected keyword argument(s) {unknown}; expected some of {sorted(names)}."
+                raise TypeError(msg)
+            init(self, *args, **kwargs)
+
+        __init__.__signature__ = signature  # type: ignore[attr-defined]
+        cls.__init__ = __init__  # type: ignore[misc]
+        return cls
+
+    return decorate
 
 
 def as_numpy_dtype(dtype: Any, default: Any) -> np.dtype:
@@ -84,6 +144,21 @@ def _sum_over_batches(fn: Callable[..., tf.Tensor], arguments: Any) -> tf.Tensor
     return total
 
 
+def _planned(apply: Callable[[tf.Tensor], tf.Tensor], plan: BlockPlan, rows: tf.Tensor) -> tf.Tensor:
+    """``apply(rows)`` for a vector, or a block as rows in the chunks `BlockPlan` chooses (one pass each)."""
+    if rows.shape.rank == 1:
+        return plan.run(1, lambda: apply(rows))
+    k = int(rows.shape[0])
+    pieces = []
+    for start, width in plan.chunks(k):
+        chunk = rows if width == k else rows[start : start + width]
+        if width == 1:
+            pieces.append(plan.run(1, lambda chunk=chunk: apply(chunk[0]))[None])
+        else:
+            pieces.append(plan.run(width, lambda chunk=chunk: apply(chunk)))
+    return pieces[0] if len(pieces) == 1 else tf.concat(pieces, axis=0)
+
+
 @functools.cache
 def _blas_controller() -> ThreadpoolController:
     # Created on first use, after numpy/scipy have loaded their BLAS libraries.
@@ -124,17 +199,16 @@ class DataPassOperator(LinearOperator):
         loss_fn: Callable[[Any, Any], Any] | None,
         data: Any,
         *,
-        params: Sequence[Any] | None,
-        batch_size: int | None,
-        reduction: str,
-        dtype: Any,
-        progress: bool,
-        check_deterministic: bool,
-        hvp_mode: str = "auto",
-        jit_compile: bool = False,
-        shape: tuple[int, int] | None = None,
-        per_example_loss: bool = False,
+        params: Sequence[Any] | None = None,
+        batch_size: int | None = None,
+        reduction: str = "mean",
+        dtype: Any = None,
+        progress: bool = False,
+        check_deterministic: bool = True,
         strategy: Any = None,
+        jit_compile: bool = False,
+        hvp_mode: str = "auto",
+        per_example_loss: bool = False,
     ) -> None:
         if reduction not in REDUCTIONS:
             msg = f"reduction: expected one of {REDUCTIONS}, got {reduction!r}."
@@ -162,9 +236,16 @@ class DataPassOperator(LinearOperator):
         self._needs_per_example_loss = per_example_loss
         self._compute_dtype = self._engine.dtype
         dtype = as_numpy_dtype(dtype, self._compute_dtype.as_numpy_dtype)
-        # Passing dtype explicitly keeps scipy from probing with a matvec (a data pass).
-        super().__init__(dtype=dtype, shape=shape or (self.num_params, self.num_params))
         self.loss = self._validate_loss(check_deterministic)
+        # How wide the passes of a block are, for A and for Aᴴ (`hessop.operators.blocks`).
+        self._forward_plan = BlockPlan(MemoryProbe(self._memory_on_host))
+        self._adjoint_plan = BlockPlan(MemoryProbe(self._memory_on_host))
+        # Passing dtype explicitly keeps scipy from probing with a matvec (a data pass).
+        super().__init__(dtype=dtype, shape=self._shape())
+
+    def _shape(self) -> tuple[int, int]:
+        """The operator's shape, once the engine and the batches exist: P × P unless overridden."""
+        return self.num_params, self.num_params
 
     # -- public conveniences ----------------------------------------------------
     @property
@@ -261,13 +342,12 @@ class DataPassOperator(LinearOperator):
         for listener in self._product_listeners:
             listener(products)
 
-    def _per_batch(self, name: str, rows: tf.Tensor, part: tuple[int, ...] | None = None) -> Callable[..., tf.Tensor]:
-        kind = _kind_of(rows)
-        if name == "hvp":
-            x0, y0 = self._probe_batch()
-            # Timing the modes on a few rows keeps "auto" cheap for wide blocks.
-            return self._engine.hvp_function(kind, x0, y0, rows if kind == "single" else rows[:4], part)
-        return self._engine.function(name, kind, part)
+    def _per_batch(self, product: Product, rows: tf.Tensor, part: tuple[int, ...] | None = None) -> Callable[..., tf.Tensor]:
+        """``product`` compiled for one batch and for ``rows``'s kind (`Engine.function`)."""
+        return self._engine.function(product, _kind_of(rows), part)
+
+    def _pass_took(self, kind: str, seconds: float) -> None:
+        """Told the wall time of each summed pass (the Hessian's "auto" mode search counts them)."""
 
     # The pass helpers take ``rows``: one vector (n,) or a block of k vectors as
     # rows (k, n), the layout vectorized_map maps over, and return the same
@@ -275,14 +355,13 @@ class DataPassOperator(LinearOperator):
     def _sized_batches(self) -> Any:
         return ((x, y, size) for (x, y), size in zip(self._iter_batches(type(self).__name__), self._batches.batch_sizes))
 
-    def _summed(self, name: str, rows: tf.Tensor, part: tuple[int, ...] | None = None) -> tf.Tensor:
-        """Σ over batches of product ``name`` (one data pass whatever k), times `scale`.
+    def _summed(self, product: Product, rows: tf.Tensor, part: tuple[int, ...] | None = None) -> tf.Tensor:
+        """Σ over batches of ``product`` (one data pass whatever k), times `scale`.
 
         ``part``: a variable range (`Engine.variable_parts`) for the restricted
         form of a symmetric product.
         """
-        kind = _kind_of(rows)
-        fn = self._per_batch(name, rows, part)
+        fn = self._per_batch(product, rows, part)
         self._count_pass(rows)
         output_size = self.shape[0] if part is None else self._part_rows(part)
         began = time.perf_counter()
@@ -292,10 +371,7 @@ class DataPassOperator(LinearOperator):
             total = self._fused.summed(fn, rows, output_size)
         else:
             total = _sum_over_batches(fn, ((x, y, rows) for x, y in self._iter_batches(type(self).__name__)))
-        if name == "hvp":
-            # Wall time of the pass (on a GPU, whose kernels run asynchronously,
-            # an undercount: the "auto" mode search then comes later).
-            self._engine.record_hvp_seconds(kind, time.perf_counter() - began)
+        self._pass_took(_kind_of(rows), time.perf_counter() - began)
         return total if self.scale == 1.0 else total * tf.constant(self.scale, dtype=total.dtype)
 
     @property
@@ -303,9 +379,9 @@ class DataPassOperator(LinearOperator):
         """Whether products run as fused passes (not with ``progress=True``, whose bars count batches)."""
         return self._fused is not None and not self.progress
 
-    def _stacked(self, name: str, rows: tf.Tensor) -> tf.Tensor:
+    def _stacked(self, product: Product, rows: tf.Tensor) -> tf.Tensor:
         """Per-batch products concatenated in example order (along the last axis)."""
-        fn = self._per_batch(name, rows)
+        fn = self._per_batch(product, rows)
         self._count_pass(rows)
         if self._replicas is not None:
             return self._replicas.stacked(fn, self._sized_batches(), rows)
@@ -313,9 +389,9 @@ class DataPassOperator(LinearOperator):
             return self._fused.stacked(fn, rows)
         return tf.concat([fn(x, y, rows) for x, y in self._iter_batches(type(self).__name__)], axis=-1)
 
-    def _sliced_sum(self, name: str, rows: tf.Tensor, rows_per_example: int) -> tf.Tensor:
-        """Σ over batches of product ``name`` applied to each batch's slice of ``rows``."""
-        fn = self._per_batch(name, rows)
+    def _sliced_sum(self, product: Product, rows: tf.Tensor, rows_per_example: int) -> tf.Tensor:
+        """Σ over batches of ``product`` applied to each batch's slice of ``rows`` (``rows_per_example`` entries per example)."""
+        fn = self._engine.function(product, _kind_of(rows), per_example_input=True)
         self._count_pass(rows)
         if self._fuses:
             return self._fused.sliced_sum(fn, rows, rows_per_example, self.shape[1])
@@ -412,6 +488,14 @@ class DataPassOperator(LinearOperator):
         # Symmetric operators (H, G, GGN) are their own adjoint.
         return self._apply(rows)
 
+    def _forward_rows(self, rows: tf.Tensor) -> tf.Tensor:
+        """A ``rows`` (a vector, or a block as rows) in passes as wide as the plan allows."""
+        return _planned(self._apply, self._forward_plan, rows)
+
+    def _adjoint_rows(self, rows: tf.Tensor) -> tf.Tensor:
+        """Aᴴ ``rows`` in passes as wide as the plan allows."""
+        return _planned(self._apply_adjoint, self._adjoint_plan, rows)
+
     def _check_tf_input(self, tensor: Any, ndim: int, length: int, name: str) -> tf.Tensor:
         tensor = tf.convert_to_tensor(tensor)
         if not tensor.dtype.is_floating:
@@ -437,19 +521,19 @@ class DataPassOperator(LinearOperator):
 
         No numpy round trip: for use inside TensorFlow code.
         """
-        return self._tf_checked(self._apply(self._check_tf_input(vector, 1, self.shape[1], "vector")))
+        return self._tf_checked(self._forward_rows(self._check_tf_input(vector, 1, self.shape[1], "vector")))
 
     def tf_matmat(self, block: Any) -> tf.Tensor:
         """Product with a tensor block of shape (n, k), returned as a (m, k) tensor on the device."""
-        return self._tf_block_product(self._apply, self._check_tf_input(block, 2, self.shape[1], "block"), self.shape[0])
+        return self._tf_block_product(self._forward_rows, self._check_tf_input(block, 2, self.shape[1], "block"), self.shape[0])
 
     def tf_rmatvec(self, vector: Any) -> tf.Tensor:
         """Adjoint product with a tensor vector of shape (m,), as a tensor on the device."""
-        return self._tf_checked(self._apply_adjoint(self._check_tf_input(vector, 1, self.shape[0], "vector")))
+        return self._tf_checked(self._adjoint_rows(self._check_tf_input(vector, 1, self.shape[0], "vector")))
 
     def tf_rmatmat(self, block: Any) -> tf.Tensor:
         """Adjoint product with a tensor block of shape (m, k), as a (n, k) tensor on the device."""
-        return self._tf_block_product(self._apply_adjoint, self._check_tf_input(block, 2, self.shape[0], "block"), self.shape[1])
+        return self._tf_block_product(self._adjoint_rows, self._check_tf_input(block, 2, self.shape[0], "block"), self.shape[1])
 
     def _tf_block_product(self, apply: Callable[[tf.Tensor], tf.Tensor], block: tf.Tensor, num_rows: int) -> tf.Tensor:
         if block.shape[1] == 0:  # TF's vectorised products fail on k = 0
@@ -457,9 +541,9 @@ class DataPassOperator(LinearOperator):
         return self._tf_checked(tf.transpose(apply(tf.transpose(block))))
 
     # -- scipy interface --------------------------------------------------------
-    def _to_numpy_input(self, array: Any, name: str) -> np.ndarray:
-        # An np.matrix stays one, so that scipy's matvec returns a matrix as for its own operators.
-        array = array if isinstance(array, np.matrix) else np.asarray(array)
+    # scipy's matvec/matmat check the shapes; _matvec and friends check the values.
+    def _checked(self, array: np.ndarray, name: str) -> np.ndarray:
+        array = np.asarray(array)
         if np.iscomplexobj(array):
             msg = f"{name}: expected a real array, got dtype {array.dtype}."
             raise TypeError(msg)
@@ -468,32 +552,6 @@ class DataPassOperator(LinearOperator):
             raise TypeError(msg)
         check_finite_array(array, name)
         return array
-
-    def _checked_vector(self, x: Any, length: int) -> np.ndarray:
-        x = self._to_numpy_input(x, "x")
-        if x.shape not in ((length,), (length, 1)):
-            msg = f"x: expected shape ({length},) or ({length}, 1), got {x.shape}."
-            raise ValueError(msg)
-        return x
-
-    def _checked_block(self, X: Any, length: int) -> np.ndarray:
-        X = self._to_numpy_input(X, "X")
-        if X.ndim != 2 or X.shape[0] != length:
-            msg = f"X: expected shape ({length}, k), got {X.shape}."
-            raise ValueError(msg)
-        return X
-
-    def matvec(self, x: Any) -> np.ndarray:
-        return super().matvec(self._checked_vector(x, self.shape[1]))
-
-    def matmat(self, X: Any) -> np.ndarray:
-        return super().matmat(self._checked_block(X, self.shape[1]))
-
-    def rmatvec(self, x: Any) -> np.ndarray:
-        return super().rmatvec(self._checked_vector(x, self.shape[0]))
-
-    def rmatmat(self, X: Any) -> np.ndarray:
-        return super().rmatmat(self._checked_block(X, self.shape[0]))
 
     def _run(self, apply: Callable[[tf.Tensor], tf.Tensor], rows: np.ndarray) -> np.ndarray:
         """numpy rows -> tensor -> product -> numpy, converting once each way.
@@ -541,7 +599,7 @@ class DataPassOperator(LinearOperator):
         block is a strided view, slow to convert.
         """
         rows = tf.one_hot(tf.range(first, stop), self.shape[1], dtype=self._compute_dtype)
-        return self._run_rows(self._apply, rows)
+        return self._run_rows(self._forward_rows, rows)
 
     def _part_columns(self, part: tuple[int, ...]) -> tuple[int, int]:
         """The columns ``(start, stop)`` of a variable range ``part``."""
@@ -561,16 +619,16 @@ class DataPassOperator(LinearOperator):
     # Blocks travel as rows (k, n): the transposes here are numpy views, and
     # _rows_tensor hands a C-order block's transpose to a TF op.
     def _matvec(self, x: np.ndarray) -> np.ndarray:
-        return self._run(self._apply, np.reshape(x, -1))
+        return self._run(self._forward_rows, np.reshape(self._checked(x, "x"), -1))
 
     def _matmat(self, X: np.ndarray) -> np.ndarray:
-        return self._block_product(self._apply, X, self.shape[0])
+        return self._block_product(self._forward_rows, self._checked(X, "X"), self.shape[0])
 
     def _rmatvec(self, x: np.ndarray) -> np.ndarray:
-        return self._run(self._apply_adjoint, np.reshape(x, -1))
+        return self._run(self._adjoint_rows, np.reshape(self._checked(x, "x"), -1))
 
     def _rmatmat(self, X: np.ndarray) -> np.ndarray:
-        return self._block_product(self._apply_adjoint, X, self.shape[1])
+        return self._block_product(self._adjoint_rows, self._checked(X, "X"), self.shape[1])
 
     def _block_product(self, apply: Callable[[tf.Tensor], tf.Tensor], X: np.ndarray, num_rows: int) -> np.ndarray:
         if X.shape[1] == 0:  # as scipy's own operators do; TF's vectorised products fail on k = 0
@@ -589,38 +647,12 @@ class SymmetricDataPassOperator(DataPassOperator):
 
     _symmetric = True  # `check_symmetric` trusts it without a product
 
-    _product = ""
+    # The per-batch product: ``product(engine, x, y, v, part=None)``, Σ over the batch's examples.
+    _product: Product
     _per_example_loss = False
 
-    def __init__(
-        self,
-        model: Any,
-        loss_fn: Callable[[Any, Any], Any],
-        data: Any,
-        *,
-        params: Sequence[Any] | None = None,
-        batch_size: int | None = None,
-        reduction: str = "mean",
-        dtype: Any = None,
-        progress: bool = False,
-        check_deterministic: bool = True,
-        strategy: Any = None,
-        jit_compile: bool = False,
-    ) -> None:
-        self._setup(
-            model,
-            loss_fn,
-            data,
-            params=params,
-            batch_size=batch_size,
-            reduction=reduction,
-            dtype=dtype,
-            progress=progress,
-            check_deterministic=check_deterministic,
-            strategy=strategy,
-            hvp_mode="auto",
-            jit_compile=jit_compile,
-        )
+    def __init__(self, model: Any, loss_fn: Callable[[Any, Any], Any], data: Any, **options: Unpack[CurvatureOptions]) -> None:
+        self._setup(model, loss_fn, data, **options)
 
     # The curvature of a Dense layer's bias ("hessian" or "ggn") whose per-example
     # values give the kernel's block of `to_dense` in closed form (hessop/dense/kronecker.py);
@@ -630,6 +662,7 @@ class SymmetricDataPassOperator(DataPassOperator):
     def _setup(self, model: Any, loss_fn: Any, data: Any, **options: Any) -> None:
         loss_fn = resolve_loss(loss_fn, model, type(self).__name__)
         DataPassOperator.__init__(self, model, loss_fn, data, per_example_loss=self._per_example_loss, **options)
+        self._adjoint_plan = self._forward_plan  # A = Aᴴ: one plan for both
 
     def _apply(self, rows: tf.Tensor) -> tf.Tensor:
         return self._summed(self._product, rows)
@@ -715,7 +748,7 @@ class SymmetricDataPassOperator(DataPassOperator):
         try:
             self._count_pass()
             block = kernel_block(self._iter_batches("kernel block"), self._kernel_factors, dense_kernel, self.scale)
-        except _TRACE_ERRORS:
+        except TRACE_ERRORS:
             self._dense_kernel = None  # e.g. per-example curvatures pfor cannot build: the products still can
             return None
         if not np.all(np.isfinite(block)):

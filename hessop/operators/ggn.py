@@ -2,11 +2,44 @@
 
 from __future__ import annotations
 
-from hessop.operators.base import SymmetricDataPassOperator
+from typing import Any
 
-__all__ = ["GGNOperator"]
+import tensorflow as tf
+
+from hessop.autodiff.engine import Engine
+from hessop.operators.base import CurvatureOptions, SymmetricDataPassOperator, with_options
+
+__all__ = ["GGNOperator", "ggn"]
+
+_ZERO = tf.UnconnectedGradients.ZERO
 
 
+def ggn(engine: Engine, x: Any, y: Any, v: tf.Tensor, part: tuple[int, ...] | None = None) -> tf.Tensor:
+    """J_fᵀ ∇²_f(Σₙ ℓₙ) J_f v on one batch (traced): a JVP, an output-space HVP and a VJP.
+
+    ``part``: restricted to a variable range (`Engine.part_variables`).
+    """
+    with tf.GradientTape() as tape:
+        predictions, jv = engine.linearize(lambda: engine.call_model(x), v, part)
+    # Hessian of the summed loss w.r.t. the outputs, times J v. Losses are
+    # separable over examples, so this is the per-example Hessian blocks at once.
+    # Outputs may be a structure (a dict or list of heads): the loss's
+    # Hessian then couples the heads, as for one concatenated output.
+    fixed = tf.nest.map_structure(tf.stop_gradient, predictions)
+    with tf.GradientTape() as outer:
+        outer.watch(fixed)
+        with tf.GradientTape() as inner:
+            inner.watch(fixed)
+            loss = tf.reduce_sum(engine.per_example_loss(x, y, fixed))
+        grad_f = inner.gradient(loss, fixed, unconnected_gradients=_ZERO)
+        pairs = zip(tf.nest.flatten(grad_f), tf.nest.flatten(jv))
+        dot = tf.add_n([tf.reduce_sum(g * tf.stop_gradient(t)) for g, t in pairs])
+    hjv = tf.nest.map_structure(tf.stop_gradient, outer.gradient(dot, fixed, unconnected_gradients=_ZERO))
+    rows = engine.part_variables(part)[1]
+    return engine.concat(engine.gradients(tape, predictions, hjv, rows))
+
+
+@with_options(CurvatureOptions)
 class GGNOperator(SymmetricDataPassOperator):
     r"""Generalized Gauss-Newton matrix :math:`\frac1N \sum_n J_n^\top \nabla^2_f \ell_n\, J_n`.
 
@@ -24,12 +57,17 @@ class GGNOperator(SymmetricDataPassOperator):
 
     Parameters
     ----------
-    model, loss_fn, data, params, batch_size, reduction, dtype, progress, check_deterministic, strategy, jit_compile
+    model, loss_fn, data
         As for `HessianOperator`. The loss must be a function of the model
         outputs (``loss_fn(y_true, model(x))``); per-example or batch-mean.
         The outputs may be a structure (a dict or list of heads, one loss
         over all of them): f is then all heads together, and the loss's
         Hessian couples them as it would one concatenated output.
+
+    Other Parameters
+    ----------------
+    params, batch_size, reduction, dtype, progress, check_deterministic, strategy, jit_compile : optional
+        As for `HessianOperator`.
 
     Examples
     --------
@@ -44,5 +82,5 @@ class GGNOperator(SymmetricDataPassOperator):
     True
     """
 
-    _product = "ggn"
+    _product = staticmethod(ggn)
     _kernel_curvature = "ggn"

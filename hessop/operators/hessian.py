@@ -2,19 +2,65 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Unpack
 
 import numpy as np
+import tensorflow as tf
 
+from hessop.autodiff.engine import TRACE_ERRORS, Engine, traced_error
 from hessop.dense.columns import DEFAULT_MAX_DENSE, dense_from_operator
-from hessop.operators.base import SymmetricDataPassOperator
+from hessop.operators.base import CurvatureOptions, SymmetricDataPassOperator, with_options
 
-__all__ = ["HessianOperator"]
+__all__ = ["HessianOperator", "hvp_forward", "hvp_reverse"]
+
+_ZERO = tf.UnconnectedGradients.ZERO
+
+
+# -- per-batch products (traced) ------------------------------------------------
+def hvp_forward(engine: Engine, x: Any, y: Any, v: tf.Tensor, part: tuple[int, ...] | None = None) -> tf.Tensor:
+    """∇²(Σₙ ℓₙ) v on one batch, forward-over-reverse: a JVP of the gradient.
+
+    ``part``: restricted to a variable range (`Engine.part_variables`).
+    """
+    tangent_variables, row_variables = engine.part_variables(part)
+    try:
+        with tf.autodiff.ForwardAccumulator(tangent_variables, engine.split(v, part)) as acc:
+            with tf.GradientTape() as tape:
+                loss = engine.summed_loss(x, y)
+            grads = engine.gradients(tape, loss, variables=row_variables)
+    except TRACE_ERRORS as error:
+        # A mistake in the model or loss fails the same way without the
+        # accumulator: raise that one as it is.
+        engine.summed_loss(x, y)
+        reason = engine.forward_mode_failed(error)
+        msg = (
+            f"hvp_mode='forward': forward-mode autodiff is unavailable for this model ({reason}); "
+            "use hvp_mode='reverse' or 'auto'."
+        )
+        raise traced_error(ValueError, msg) from error
+    return engine.concat(acc.jvp(grads, unconnected_gradients=_ZERO))
+
+
+def hvp_reverse(engine: Engine, x: Any, y: Any, v: tf.Tensor, part: tuple[int, ...] | None = None) -> tf.Tensor:
+    """∇²(Σₙ ℓₙ) v on one batch, reverse-over-reverse: the gradient of ⟨∇ℓ, v⟩ (Pearlmutter)."""
+    tangent_variables, row_variables = engine.part_variables(part)
+    tangents = engine.split(tf.stop_gradient(v), part)
+    with tf.GradientTape() as outer:
+        with tf.GradientTape() as inner:
+            loss = engine.summed_loss(x, y)
+        grads = engine.gradients(inner, loss, variables=tangent_variables)
+        dot = tf.add_n([tf.reduce_sum(g * t) for g, t in zip(grads, tangents)])
+    return engine.concat(engine.gradients(outer, dot, variables=row_variables, second_order=True))
+
+
+# The two modes of ``hvp_mode``; "auto" times them (`Engine.hvp_function`).
+HVP_PRODUCTS = {"forward": hvp_forward, "reverse": hvp_reverse}
 
 DENSE_METHODS = ("auto", "hvp")
 
 
+@with_options(CurvatureOptions)
 class HessianOperator(SymmetricDataPassOperator):
     r"""Exact Hessian of the mean (or summed) loss over a data set, matrix-free.
 
@@ -40,6 +86,15 @@ class HessianOperator(SymmetricDataPassOperator):
         of ``(x, y)`` batches. ``(x, y, sample_weight)`` arrays or batches, as
         Keras takes them, multiply each example's loss by its weight (a mean
         still divides by the number of examples).
+    hvp_mode : {"auto", "forward", "reverse"}
+        Forward-over-reverse or reverse-over-reverse HVPs. ``"auto"`` (default)
+        starts with reverse-over-reverse and, once those products have taken
+        4 × as long as tracing them, times both on the first batch and keeps
+        the faster, separately for single vectors and blocks (reverse under a
+        multi-replica strategy).
+
+    Other Parameters
+    ----------------
     params : list of variables, optional
         Variables to differentiate with respect to; default
         ``model.trainable_variables``. Their order defines the flat order.
@@ -58,12 +113,6 @@ class HessianOperator(SymmetricDataPassOperator):
     check_deterministic : bool
         Compare two passes over the data at construction and refuse data or
         models that change between passes (shuffling, random augmentation).
-    hvp_mode : {"auto", "forward", "reverse"}
-        Forward-over-reverse or reverse-over-reverse HVPs. ``"auto"`` (default)
-        starts with reverse-over-reverse and, once those products have taken
-        4 × as long as tracing them, times both on the first batch and keeps
-        the faster, separately for single vectors and blocks (reverse under a
-        multi-replica strategy).
     strategy : tf.distribute.Strategy, optional
         Distribute each batch over the strategy's replicas and all-reduce once
         per product. Default: the strategy in scope, else the one that owns the
@@ -119,7 +168,7 @@ class HessianOperator(SymmetricDataPassOperator):
     True
     """
 
-    _product = "hvp"
+    _product = staticmethod(hvp_reverse)  # the mode that always works; `_per_batch` picks per hvp_mode
     _kernel_curvature = "hessian"
     _differentiates_model_twice = True
 
@@ -129,30 +178,21 @@ class HessianOperator(SymmetricDataPassOperator):
         loss_fn: Callable[[Any, Any], Any],
         data: Any,
         *,
-        params: Sequence[Any] | None = None,
-        batch_size: int | None = None,
-        reduction: str = "mean",
-        dtype: Any = None,
-        progress: bool = False,
-        check_deterministic: bool = True,
         hvp_mode: str = "auto",
-        strategy: Any = None,
-        jit_compile: bool = False,
+        **options: Unpack[CurvatureOptions],
     ) -> None:
-        self._setup(
-            model,
-            loss_fn,
-            data,
-            params=params,
-            batch_size=batch_size,
-            reduction=reduction,
-            dtype=dtype,
-            progress=progress,
-            check_deterministic=check_deterministic,
-            hvp_mode=hvp_mode,
-            strategy=strategy,
-            jit_compile=jit_compile,
-        )
+        self._setup(model, loss_fn, data, hvp_mode=hvp_mode, **options)
+
+    def _per_batch(self, product: Any, rows: tf.Tensor, part: tuple[int, ...] | None = None) -> Callable[..., tf.Tensor]:
+        x0, y0 = self._probe_batch()
+        kind = "single" if rows.shape.rank == 1 else "block"
+        # Timing the modes on a few rows keeps "auto" cheap for wide blocks.
+        return self._engine.hvp_function(HVP_PRODUCTS, kind, x0, y0, rows if kind == "single" else rows[:4], part)
+
+    def _pass_took(self, kind: str, seconds: float) -> None:
+        # Wall time of the pass (on a GPU, whose kernels run asynchronously,
+        # an undercount: the "auto" mode search then comes later).
+        self._engine.record_hvp_seconds(kind, seconds)
 
     def to_dense(self, *, max_params: int = DEFAULT_MAX_DENSE, block_size: int | None = None, method: str = "auto") -> np.ndarray:
         """The full P×P Hessian, off-diagonal blocks between variables included.

@@ -2,21 +2,48 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, Unpack
 
 import numpy as np
 import tensorflow as tf
 
-from hessop.autodiff.engine import check_parameter_paths, first_call_on_batch
+from hessop.autodiff.engine import Engine, check_parameter_paths, first_call_on_batch
 from hessop.autodiff.losses import resolve_loss
-from hessop.operators.base import DataPassOperator
+from hessop.operators.base import DataPassOperator, PassOptions, with_options
 
-__all__ = ["JacobianOperator"]
+__all__ = ["JacobianOperator", "jvp_loss", "jvp_outputs", "vjp_loss", "vjp_outputs"]
 
 TARGETS = ("loss", "outputs")
 
 
+# -- per-batch products (traced); J_b has a row per example (per output, for the outputs) --
+def jvp_loss(engine: Engine, x: Any, y: Any, v: tf.Tensor) -> tf.Tensor:
+    """J_b v, shape (B,): J_b's rows are the per-example loss gradients ∇ℓₙ."""
+    return engine.linearize(lambda: engine.per_example_loss(x, y, strict=True), v)[1]
+
+
+def vjp_loss(engine: Engine, x: Any, y: Any, u: tf.Tensor) -> tf.Tensor:
+    """J_bᵀ u, shape (P,), for u of shape (B,)."""
+    with tf.GradientTape() as tape:
+        losses = engine.per_example_loss(x, y, strict=True)
+    return engine.concat(engine.gradients(tape, losses, tf.stop_gradient(u)))
+
+
+def jvp_outputs(engine: Engine, x: Any, y: Any, v: tf.Tensor) -> tf.Tensor:
+    """J_f v, shape (B·C,), example-major: the outputs' Jacobian along v."""
+    return tf.reshape(engine.linearize(lambda: engine.outputs(x), v)[1], [-1])
+
+
+def vjp_outputs(engine: Engine, x: Any, y: Any, u: tf.Tensor) -> tf.Tensor:
+    """J_fᵀ u, shape (P,), for u of shape (B·C,)."""
+    with tf.GradientTape() as tape:
+        outputs = engine.outputs(x)
+    cotangent = tf.reshape(tf.stop_gradient(u), tf.shape(outputs))
+    return engine.concat(engine.gradients(tape, outputs, cotangent))
+
+
+@with_options(PassOptions)
 class JacobianOperator(DataPassOperator):
     r"""Jacobian of per-example losses (N × P) or of model outputs ((N·C) × P).
 
@@ -33,7 +60,7 @@ class JacobianOperator(DataPassOperator):
 
     Parameters
     ----------
-    model, data, params, batch_size, dtype, progress, check_deterministic, strategy, jit_compile
+    model, data
         As for `HessianOperator`.
     loss_fn : callable, keras.losses.Loss, str or None
         Per-example loss as for `HessianOperator` (a callable returning a
@@ -41,6 +68,11 @@ class JacobianOperator(DataPassOperator):
         Ignored, and may be None, for ``target="outputs"``.
     target : {"loss", "outputs"}
         Which Jacobian.
+
+    Other Parameters
+    ----------------
+    params, batch_size, dtype, progress, check_deterministic, strategy, jit_compile : optional
+        As for `HessianOperator` (J has no reduction: its rows are per example).
 
     Raises
     ------
@@ -68,13 +100,7 @@ class JacobianOperator(DataPassOperator):
         data: Any,
         *,
         target: str = "loss",
-        params: Sequence[Any] | None = None,
-        batch_size: int | None = None,
-        dtype: Any = None,
-        progress: bool = False,
-        check_deterministic: bool = True,
-        strategy: Any = None,
-        jit_compile: bool = False,
+        **options: Unpack[PassOptions],
     ) -> None:
         if target not in TARGETS:
             msg = f"target: expected one of {TARGETS}, got {target!r}."
@@ -83,31 +109,27 @@ class JacobianOperator(DataPassOperator):
         uses_loss = target == "loss"
         if uses_loss:
             loss_fn = resolve_loss(loss_fn, model, "JacobianOperator(target='loss')")
+            self._forward, self._backward = jvp_loss, vjp_loss
+        else:
+            self._forward, self._backward = jvp_outputs, vjp_outputs
         super().__init__(
             model,
             loss_fn if uses_loss else None,
             data,
-            params=params,
-            batch_size=batch_size,
             reduction="sum",  # rows are unweighted per-example quantities
-            dtype=dtype,
-            progress=progress,
-            check_deterministic=check_deterministic and uses_loss,
             per_example_loss=True,
-            shape=(0, 0),  # set below, once the output width is known
-            strategy=strategy,
-            jit_compile=jit_compile,
+            **options,
         )
-        if uses_loss:
+
+    def _shape(self) -> tuple[int, int]:
+        if self.target == "loss":
             self.num_outputs = 1
         else:
             x0, _ = self._probe_batch()
-            outputs = first_call_on_batch(lambda: self._engine.outputs(x0), 0, x0)
+            outputs = first_call_on_batch(lambda: self._engine.flat_outputs(x0), 0, x0)
             self.num_outputs = int(outputs.shape[0]) // self._batches.batch_sizes[0]
-            check_parameter_paths(self._engine.outputs.get_concrete_function(x0).graph, self._engine.variables)
-        self.shape = (self.num_data * self.num_outputs, self.num_params)
-        prefix = "loss" if uses_loss else "outputs"
-        self._forward, self._backward = f"jvp_{prefix}", f"vjp_{prefix}"
+            check_parameter_paths(self._engine.flat_outputs.get_concrete_function(x0).graph, self._engine.variables)
+        return self.num_data * self.num_outputs, self.num_params
 
     def row_blocks(self) -> Iterator[np.ndarray]:
         """Yield the rows of J batch by batch, each a (B·C, P) array (never all of J at once).
@@ -130,7 +152,7 @@ class JacobianOperator(DataPassOperator):
         >>> bool(np.allclose(np.vstack(list(J.row_blocks())), x))  # d(x_n·β)/dβ = x_n
         True
         """
-        if self._forward == "jvp_loss":
+        if self.target == "loss":
             return self._per_example_rows(self._engine.per_example_gradients, "row_blocks")
         return self._per_example_rows(self._engine.output_jacobian_rows, "row_blocks")
 

@@ -7,16 +7,31 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
+import tensorflow as tf
 
+from hessop.autodiff.engine import Engine
 from hessop.dense.columns import DenseHooks
-from hessop.operators.base import SymmetricDataPassOperator
+from hessop.operators.base import CurvatureOptions, SymmetricDataPassOperator, with_options
 
-__all__ = ["OPGOperator", "per_example_gradients"]
+__all__ = ["OPGOperator", "opg", "per_example_gradients"]
 
 # `to_dense` sums per-example gradients in GEMMs of about this many bytes of rows.
 _ROWS_BYTES = 64 * 2**20
 
 
+def opg(engine: Engine, x: Any, y: Any, v: tf.Tensor, part: tuple[int, ...] | None = None) -> tf.Tensor:
+    """J_bᵀ J_b v on one batch (traced), J_b's rows the per-example loss gradients.
+
+    One forward pass carries both modes: J v forward, then Jᵀ (J v) backward.
+    ``part``: restricted to a variable range (`Engine.part_variables`).
+    """
+    with tf.GradientTape() as tape:
+        losses, jv = engine.linearize(lambda: engine.per_example_loss(x, y, strict=True), v, part)
+    rows = engine.part_variables(part)[1]
+    return engine.concat(engine.gradients(tape, losses, tf.stop_gradient(jv), rows))
+
+
+@with_options(CurvatureOptions)
 class OPGOperator(SymmetricDataPassOperator):
     r"""Outer product of per-example gradients, :math:`G = \frac1N \sum_n g_n g_n^\top = J^\top J / N`.
 
@@ -27,9 +42,14 @@ class OPGOperator(SymmetricDataPassOperator):
 
     Parameters
     ----------
-    model, loss_fn, data, params, batch_size, reduction, dtype, progress, check_deterministic, strategy, jit_compile
+    model, loss_fn, data
         As for `HessianOperator`; ``loss_fn`` must give per-example losses (a
         Keras loss object does, whatever its ``reduction``).
+
+    Other Parameters
+    ----------------
+    params, batch_size, reduction, dtype, progress, check_deterministic, strategy, jit_compile : optional
+        As for `HessianOperator`.
 
     Examples
     --------
@@ -43,7 +63,7 @@ class OPGOperator(SymmetricDataPassOperator):
     True
     """
 
-    _product = "opg"
+    _product = staticmethod(opg)
     _per_example_loss = True
 
     def per_example_gradients(self) -> Iterator[np.ndarray]:

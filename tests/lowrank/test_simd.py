@@ -1,4 +1,4 @@
-"""The LLVM-IR register tile against a plain loop, and the block kernels built on it for an AVX2 target."""
+"""The opt-in LLVM-IR register tile against a plain loop; the block kernels (default and opt-in) for an AVX2 target."""
 
 from __future__ import annotations
 
@@ -71,9 +71,11 @@ def test_tile_refuses_other_array_types():
 AVX2_CHECK = textwrap.dedent(
     """
     import numpy as np
+    import sys
     from hessop.lowrank import kernels as _kernels
-    from hessop.lowrank import simd as _simd
-    assert (_simd.VECTOR_WIDTH, _simd.TILE_ROWS) == (4, 4), (_simd.VECTOR_WIDTH, _simd.TILE_ROWS)
+    from hessop.lowrank import tiles as _tiles
+    assert (_tiles.VECTOR_WIDTH, _tiles.TILE_ROWS) == (4, 4), (_tiles.VECTOR_WIDTH, _tiles.TILE_ROWS)
+    assert ("hessop.lowrank.simd" in sys.modules) == _tiles.SIMD_TILES
     rng = np.random.default_rng(0)
     for size, rank, width in [(1001, 50, 16), (130, 7, 17), (9000, 13, 5), (3, 5, 3)]:
         for dtype in (np.float32, np.float64):
@@ -91,11 +93,15 @@ AVX2_CHECK = textwrap.dedent(
 )
 
 
-def test_block_kernels_for_an_avx2_target(tmp_path):
+@pytest.mark.parametrize("simd_tiles", ["", "1"], ids=["blas", "llvm-ir"])
+def test_block_kernels_for_an_avx2_target(tmp_path, simd_tiles):
     # This machine may have AVX-512; compiling for AVX2 (the CPU numba targets is
     # set by environment) takes the other tile sizes: 4-double vectors, 4-row tiles.
+    # The LLVM-IR tiles load only when asked for (HESSOP_SIMD_TILES=1); by
+    # default blocks go through BLAS.
     env = dict(
         os.environ,
+        HESSOP_SIMD_TILES=simd_tiles,
         NUMBA_CPU_NAME="haswell",
         NUMBA_CPU_FEATURES="+64bit,+avx,+avx2,+fma,+sse,+sse2,+sse3,+ssse3,+sse4.1,+sse4.2,+popcnt,+cx16,+f16c,+bmi,+bmi2,+lzcnt,+movbe",
         NUMBA_CACHE_DIR=str(tmp_path),

@@ -210,7 +210,7 @@ def test_xla_compiled_products_match_autodiff(mlp, mode):
     block = np.random.default_rng(4).normal(size=(H.shape[0], 3))
     assert rel_err(H @ block[:, 0], dense @ block[:, 0]) < 1e-10
     assert rel_err(H @ block, dense @ block) < 1e-10
-    assert set(H._engine._compiled) == {(f"hvp_{mode}", "single", None), (f"hvp_{mode}", "block", None)}
+    assert H._engine.traced_products() == {(f"hvp_{mode}", "single", None), (f"hvp_{mode}", "block", None)}
     assert compiled_with_xla(H)
 
 
@@ -228,7 +228,7 @@ def test_each_product_is_traced_once_for_all_batch_sizes_and_block_widths(mlp):
         block = rng.normal(size=(H.shape[0], width))
         assert rel_err(H @ block, dense @ block) < 1e-10
     compiled = H._engine._compiled
-    assert set(compiled) == {("hvp_reverse", "single", None), ("hvp_reverse", "block", None)}
+    assert H._engine.traced_products() == {("hvp_reverse", "single", None), ("hvp_reverse", "block", None)}
     assert [compiled[key].tracing_count for key in sorted(compiled)] == [1, 1]
 
 
@@ -242,7 +242,7 @@ def test_auto_mode_starts_reverse_and_searches_once_the_products_paid_for_it(mlp
     vector, block = np.ones(H.shape[0]), np.ones((H.shape[0], 3))
     assert rel_err(H @ vector, dense @ vector) < 1e-10
     assert rel_err(H @ block, dense @ block) < 1e-10
-    assert set(engine._compiled) == {("hvp_reverse", "single", None), ("hvp_reverse", "block", None)}
+    assert engine.traced_products() == {("hvp_reverse", "single", None), ("hvp_reverse", "block", None)}
     assert engine._chosen_mode == {} and engine.timings == {}
     assert 0 < engine._provisional_seconds["single"] < _engine._MODE_SEARCH_AFTER * engine._reverse_trace_seconds["single"]
 
@@ -250,7 +250,7 @@ def test_auto_mode_starts_reverse_and_searches_once_the_products_paid_for_it(mlp
     assert rel_err(H @ vector, dense @ vector) < 1e-10
     assert engine._chosen_mode["single"] in ("forward", "reverse")
     assert set(engine.timings) == {"single"} and set(engine.timings["single"]) == {"forward", "reverse"}
-    assert ("hvp_forward", "block", None) not in engine._compiled
+    assert ("hvp_forward", "block", None) not in engine.traced_products()
 
     chosen = engine._chosen_mode["single"]
     engine.record_hvp_seconds("single", 1e9)  # no second search
@@ -262,7 +262,7 @@ def test_fixed_mode_never_searches(mlp):
     H = operator(mlp, batch_size=32, hvp_mode="forward")
     H._engine.record_hvp_seconds("single", 1e9)
     H @ np.ones(H.shape[0])
-    assert set(H._engine._compiled) == {("hvp_forward", "single", None)}
+    assert H._engine.traced_products() == {("hvp_forward", "single", None)}
     assert H._engine.timings == {}
 
 
@@ -278,9 +278,9 @@ def test_auto_mode_times_alternating_rounds_within_bounds(mlp, monkeypatch, seco
     calls = []
     function = engine.function
 
-    def recording(name, kind, part=None):
-        fn = function(name, kind, part)
-        return lambda *args: calls.append(name) or fn(*args)
+    def recording(product, kind, part=None, **options):
+        fn = function(product, kind, part, **options)
+        return lambda *args: calls.append(product.__name__) or fn(*args)
 
     monkeypatch.setattr(engine, "function", recording)
     H @ np.ones(H.shape[0])
@@ -387,11 +387,11 @@ def test_progress_bar_does_not_change_results(mlp, capsys):
 
 
 # -- bad input ---------------------------------------------------------------------------
-def test_wrong_vector_length_names_expected_shape(mlp):
+def test_wrong_vectors_are_refused(mlp):
     H = operator(mlp)
-    with pytest.raises(ValueError, match=r"x: expected shape \(39,\)"):
+    with pytest.raises(ValueError, match="dimension mismatch"):
         H.matvec(np.ones(5))
-    with pytest.raises(ValueError, match=r"X: expected shape \(39, k\)"):
+    with pytest.raises(ValueError, match="dimension mismatch"):
         H.matmat(np.ones((5, 2)))
     with pytest.raises(TypeError, match="real"):
         H.matvec(np.ones(H.shape[0], dtype=complex))

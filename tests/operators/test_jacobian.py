@@ -145,5 +145,5 @@ def test_bad_target_and_scalar_loss(mlp):
     with pytest.raises(TypeError, match=r"^model: expected output tensors, got dict with none\.$"):
         hessop.JacobianOperator(lambda x: {}, None, (mlp.x, None), params=mlp.model.trainable_variables, target="outputs")
     J = loss_jacobian(mlp)
-    with pytest.raises(ValueError, match=r"x: expected shape \(64,\)"):
+    with pytest.raises(ValueError, match="dimension mismatch"):
         J.rmatvec(np.ones(3))
