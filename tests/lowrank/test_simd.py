@@ -93,15 +93,25 @@ AVX2_CHECK = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("simd_tiles", ["", "1"], ids=["blas", "llvm-ir"])
-def test_block_kernels_for_an_avx2_target(tmp_path, simd_tiles):
+def test_the_default_kernels_never_load_the_llvm_ir():
+    code = (
+        "import sys, numpy as np\n"
+        "from hessop.lowrank import kernels\n"
+        "Q, X = np.ones((50, 3), np.float32), np.ones((50, 4), np.float32)\n"
+        "kernels.apply('numba', Q, np.ones(3), 0.5, X)\n"
+        "assert 'hessop.lowrank.simd' not in sys.modules\n"
+    )
+    env = {key: value for key, value in os.environ.items() if key != "HESSOP_SIMD_TILES"}
+    result = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_block_kernels_for_an_avx2_target(tmp_path):
     # This machine may have AVX-512; compiling for AVX2 (the CPU numba targets is
     # set by environment) takes the other tile sizes: 4-double vectors, 4-row tiles.
-    # The LLVM-IR tiles load only when asked for (HESSOP_SIMD_TILES=1); by
-    # default blocks go through BLAS.
     env = dict(
         os.environ,
-        HESSOP_SIMD_TILES=simd_tiles,
+        HESSOP_SIMD_TILES="1",
         NUMBA_CPU_NAME="haswell",
         NUMBA_CPU_FEATURES="+64bit,+avx,+avx2,+fma,+sse,+sse2,+sse3,+ssse3,+sse4.1,+sse4.2,+popcnt,+cx16,+f16c,+bmi,+bmi2,+lzcnt,+movbe",
         NUMBA_CACHE_DIR=str(tmp_path),

@@ -214,6 +214,14 @@ def test_xla_compiled_products_match_autodiff(mlp, mode):
     assert compiled_with_xla(H)
 
 
+def test_to_dense_of_a_tiny_operator_traces_no_block(logistic):
+    # P = 5: single products trace faster than a vectorised block.
+    H = hessop.HessianOperator(logistic.model, logistic.loss_fn, (logistic.x, logistic.y), hvp_mode="reverse")
+    assert rel_err(H.to_dense(), dense_hessian(logistic)) < 1e-10
+    assert rel_err(H.to_dense(method="hvp"), dense_hessian(logistic)) < 1e-10
+    assert {kind for _, kind, _ in H._engine.traced_products()} == {"single"}
+
+
 def test_jit_compile_must_be_a_bool(mlp):
     with pytest.raises(TypeError, match="jit_compile: expected True or False, got 'yes'"):
         operator(mlp, jit_compile="yes")
