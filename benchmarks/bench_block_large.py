@@ -32,7 +32,8 @@ import numpy as np
 from _common import machine_info, table
 
 import hessop
-from hessop.operators.blocks import BlockPlan, MemoryProbe
+from hessop.dense.columns import MemoryProbe
+from hessop.operators.blocks import BlockPlan
 
 K = 10
 

@@ -456,9 +456,9 @@ class Engine:
         self.strict_loss_sum = self._compile(lambda x, y: tf.reduce_sum(self.per_example_loss(x, y, strict=True)))
         # The two loss sums keep the shapes of each batch: they run first, on
         # construction, and check the loss's length against the batch's.
-        self.loss_and_gradient = TracedOnce(self._compile(self._loss_and_gradient))
-        self.per_example_gradients = TracedOnce(self._compile(self._per_example_gradients))
-        self.output_jacobian_rows = TracedOnce(self._compile(self._output_jacobian_rows))
+        self.loss_and_gradient = self.per_batch(self._loss_and_gradient)
+        self.per_example_gradients = self.per_batch(self._per_example_gradients)
+        self.output_jacobian_rows = self.per_batch(self._output_jacobian_rows)
         self.flat_outputs = self._compile(self._flat_outputs)
         self._compiled: dict[tuple[Product, str, tuple[int, ...] | None], Callable[..., tf.Tensor]] = {}
         # The maps (block products, per-example rows) pfor could not vectorise,

@@ -15,11 +15,11 @@ __all__ = [
     "DEFAULT_MAX_DENSE",
     "TRIAL_BLOCK_SIZES",
     "DenseHooks",
+    "MemoryProbe",
     "column_parts",
     "dense_from_operator",
     "hooks_of",
     "lower_block_product",
-    "proc_bytes",
     "unit_blocks",
 ]
 
@@ -300,16 +300,41 @@ class _MemoryWatch:
         return self.peaks[widest] * width / widest <= self.budget  # type: ignore[operator]
 
 
+class MemoryProbe:
+    """The process's resident and peak resident size and the memory available, from Linux's /proc.
+
+    The peak (``VmHWM``) is never reset. With ``on_host=False`` (products on
+    an accelerator) or off Linux every reading is None.
+
+    Examples
+    --------
+    >>> MemoryProbe(on_host=False).peak() is None
+    True
+    """
+
+    def __init__(self, on_host: bool = True) -> None:
+        self.on_host = on_host
+
+    def resident(self) -> int | None:
+        return _status_bytes("VmRSS") if self.on_host else None
+
+    def peak(self) -> int | None:
+        return _status_bytes("VmHWM") if self.on_host else None
+
+    def available(self) -> int | None:
+        return _meminfo_bytes("MemAvailable") if self.on_host else None
+
+
 def _status_bytes(field: str) -> int | None:
     """A memory field of /proc/self/status (in kB there) in bytes, or None off Linux."""
-    return proc_bytes("/proc/self/status", field)
+    return _proc_bytes("/proc/self/status", field)
 
 
 def _meminfo_bytes(field: str) -> int | None:
-    return proc_bytes("/proc/meminfo", field)
+    return _proc_bytes("/proc/meminfo", field)
 
 
-def proc_bytes(path: str, field: str) -> int | None:
+def _proc_bytes(path: str, field: str) -> int | None:
     """A field of a Linux /proc file given in kB (``VmHWM`` of /proc/self/status, say), in bytes; None where unreadable."""
     try:
         with open(path) as f:

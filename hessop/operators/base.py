@@ -25,9 +25,9 @@ from hessop.autodiff.distribute import Replicas, resolve_strategy
 from hessop.autodiff.engine import TRACE_ERRORS, Engine, Product, check_parameter_paths, first_call_on_batch
 from hessop.autodiff.losses import resolve_loss
 from hessop.autodiff.passes import FusedPasses
-from hessop.dense.columns import DEFAULT_MAX_DENSE, DenseHooks, dense_from_operator
+from hessop.dense.columns import DEFAULT_MAX_DENSE, DenseHooks, MemoryProbe, dense_from_operator
 from hessop.dense.kronecker import factors_function, find_dense_kernel, kernel_block
-from hessop.operators.blocks import BlockPlan, MemoryProbe
+from hessop.operators.blocks import BlockPlan
 
 __all__ = [
     "CurvatureOptions",
@@ -240,8 +240,8 @@ class DataPassOperator(LinearOperator):
         dtype = as_numpy_dtype(dtype, self._compute_dtype.as_numpy_dtype)
         self.loss = self._validate_loss(check_deterministic)
         # How wide the passes of a block are, for A and for Aᴴ (`hessop.operators.blocks`).
-        self._forward_plan = BlockPlan(MemoryProbe(self._memory_on_host))
-        self._adjoint_plan = BlockPlan(MemoryProbe(self._memory_on_host))
+        memory = MemoryProbe(self._memory_on_host)
+        self._forward_plan, self._adjoint_plan = BlockPlan(memory), BlockPlan(memory)
         # Passing dtype explicitly keeps scipy from probing with a matvec (a data pass).
         super().__init__(dtype=dtype, shape=self._shape())
 

@@ -36,9 +36,9 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 
-from hessop.dense.columns import proc_bytes
+from hessop.dense.columns import MemoryProbe
 
-__all__ = ["BlockPlan", "MemoryProbe"]
+__all__ = ["BlockPlan"]
 
 # Blocks up to this width run in one pass before any memory is measured.
 _UNTRIED_WIDTH = 4
@@ -52,25 +52,6 @@ _PROBE_AFTER = 4.0
 _SAMPLES = 5
 _SAMPLES_TO_JUDGE = 2
 _SLOWER_BY = 1.1
-
-
-class MemoryProbe:
-    """Peak resident memory of the process from Linux's /proc (``VmHWM``), never reset."""
-
-    def __init__(self, on_host: bool = True) -> None:
-        self.on_host = on_host
-
-    def _read(self, path: str, field: str) -> int | None:
-        return proc_bytes(path, field) if self.on_host else None
-
-    def resident(self) -> int | None:
-        return self._read("/proc/self/status", "VmRSS")
-
-    def peak(self) -> int | None:
-        return self._read("/proc/self/status", "VmHWM")
-
-    def available(self) -> int | None:
-        return self._read("/proc/meminfo", "MemAvailable")
 
 
 class BlockPlan:

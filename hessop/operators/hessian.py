@@ -10,7 +10,7 @@ import tensorflow as tf
 
 from hessop.autodiff.engine import TRACE_ERRORS, Engine, traced_error
 from hessop.dense.columns import DEFAULT_MAX_DENSE, dense_from_operator
-from hessop.operators.base import CurvatureOptions, SymmetricDataPassOperator, with_options
+from hessop.operators.base import CurvatureOptions, SymmetricDataPassOperator, _kind_of, with_options
 
 __all__ = ["HessianOperator", "hvp_forward", "hvp_reverse"]
 
@@ -185,7 +185,7 @@ class HessianOperator(SymmetricDataPassOperator):
 
     def _per_batch(self, product: Any, rows: tf.Tensor, part: tuple[int, ...] | None = None) -> Callable[..., tf.Tensor]:
         x0, y0 = self._probe_batch()
-        kind = "single" if rows.shape.rank == 1 else "block"
+        kind = _kind_of(rows)
         # Timing the modes on a few rows keeps "auto" cheap for wide blocks.
         return self._engine.hvp_function(HVP_PRODUCTS, kind, x0, y0, rows if kind == "single" else rows[:4], part)
 

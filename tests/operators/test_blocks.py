@@ -7,8 +7,9 @@ import pytest
 from conftest import dense_hessian, mlp_case, rel_err
 
 import hessop
+from hessop.dense.columns import MemoryProbe
 from hessop.operators import blocks
-from hessop.operators.blocks import BlockPlan, MemoryProbe
+from hessop.operators.blocks import BlockPlan
 
 
 class FakeMemory(MemoryProbe):
