@@ -23,6 +23,10 @@ _EXPORTS = {
     "OPGOperator": "hessop.operators.opg",
     "GGNOperator": "hessop.operators.ggn",
     "per_example_gradients": "hessop.operators.opg",
+    # structured curvature
+    "KFACOperator": "hessop.operators.kfac",
+    "EKFACOperator": "hessop.operators.kfac",
+    "KroneckerOperator": "hessop.structured.kronecker",
     # low-rank and full-rank approximations
     "LowRankOperator": "hessop.lowrank.operators",
     "FullRankOperator": "hessop.lowrank.operators",
@@ -59,6 +63,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from hessop.operators.ggn import GGNOperator
     from hessop.operators.hessian import HessianOperator
     from hessop.operators.jacobian import JacobianOperator
+    from hessop.operators.kfac import EKFACOperator, KFACOperator
     from hessop.operators.opg import OPGOperator, per_example_gradients
     from hessop.spectral.eigen import eigen, full_rank, low_rank
     from hessop.spectral.estimators import SpectralDensity, diagonal, row_sums, spectral_density, trace
@@ -73,6 +78,7 @@ if TYPE_CHECKING:  # pragma: no cover
         summary,
     )
     from hessop.stats.laplace import Laplace
+    from hessop.structured.kronecker import KroneckerOperator
 
 
 def __getattr__(name: str) -> Any:

@@ -19,13 +19,14 @@ PACKAGE = Path(__file__).parents[1] / "hessop"
 # helpers _validation and _progress, which import no TensorFlow).
 ALLOWED = {
     "autodiff": {"autodiff", "_shared"},
-    "operators": {"operators", "autodiff", "dense", "_shared"},
+    "operators": {"operators", "autodiff", "dense", "structured", "_shared"},
     "dense": {"dense", "autodiff", "_shared"},
     "lowrank": {"lowrank", "dense", "_shared"},
+    "structured": {"structured", "lowrank", "dense", "_shared"},
     "spectral": {"spectral", "dense", "_shared"},
     "stats": {"stats", "spectral", "lowrank", "dense", "_shared"},
 }
-NUMPY_ONLY = ("lowrank", "spectral", "stats")
+NUMPY_ONLY = ("lowrank", "structured", "spectral", "stats")
 
 
 def _module_level_imports(path: Path) -> set[str]:

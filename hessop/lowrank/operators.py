@@ -190,26 +190,7 @@ class _SpectralOperator(LinearOperator):
             If ``path`` is a name that does not end in ``.npz`` (numpy would
             silently add the suffix, and ``load(path)`` would not find the file).
         """
-        entries = self._entries()
-        if hasattr(path, "write"):
-            np.savez(path, **entries)
-            return
-        target = os.fspath(path)
-        if not isinstance(target, str) or not target.endswith(".npz"):
-            msg = f"path: expected a file name ending in '.npz', got {target!r}."
-            raise ValueError(msg)
-        folder = os.path.dirname(os.path.abspath(target))
-        handle, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(target)}.", suffix=".tmp", dir=folder)
-        try:
-            with os.fdopen(handle, "wb") as file:
-                np.savez(file, **entries)
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(temporary, target)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.remove(temporary)
-            raise
+        write_archive(path, self._entries())
 
     def _entries(self) -> dict[str, np.ndarray]:
         return dict(
@@ -357,29 +338,31 @@ _ZIP_MAGIC = b"PK\x03\x04"  # the first bytes of a non-empty zip archive (what n
 _NPY_MAGIC = b"\x93NUMPY"
 
 
-def load(path: str | os.PathLike | BinaryIO, *, engine: str = "numba") -> LowRankOperator | FullRankOperator:
-    """Read an operator written by ``save``; ``allow_pickle=False``.
+def write_archive(path: str | os.PathLike | BinaryIO, entries: dict[str, np.ndarray]) -> None:
+    """Write ``entries`` to an ``.npz`` file atomically (a temporary file, then a rename), or to a binary file object."""
+    if hasattr(path, "write"):
+        np.savez(path, **entries)
+        return
+    target = os.fspath(path)
+    if not isinstance(target, str) or not target.endswith(".npz"):
+        msg = f"path: expected a file name ending in '.npz', got {target!r}."
+        raise ValueError(msg)
+    folder = os.path.dirname(os.path.abspath(target))
+    handle, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(target)}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(handle, "wb") as file:
+            np.savez(file, **entries)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(temporary)
+        raise
 
-    ``path``: a file name, or a file object opened for binary reading, as
-    ``save`` takes them.
 
-    Raises
-    ------
-    ValueError
-        If the file is not a saved hessop operator (not an .npz archive,
-        missing or foreign entries, unknown version, inconsistent shapes).
-    OSError
-        If the file cannot be opened (e.g. ``FileNotFoundError``).
-
-    Examples
-    --------
-    >>> import numpy as np, hessop, tempfile, os
-    >>> A = hessop.FullRankOperator(np.eye(4)[:, :2], [2.0, 1.0], tail=0.5)
-    >>> path = os.path.join(tempfile.mkdtemp(), "A.npz"); A.save(path)
-    >>> B = hessop.load(path)
-    >>> type(B).__name__, B.tail, bool(np.array_equal(A.Q, B.Q))
-    ('FullRankOperator', 0.5, True)
-    """
+def read_archive(path: str | os.PathLike | BinaryIO) -> tuple[dict[str, np.ndarray], str]:
+    """The entries of an ``.npz`` archive (``allow_pickle=False``), and the phrase errors about it start with."""
     is_file = hasattr(path, "read")
     name = getattr(path, "name", type(path).__name__) if is_file else os.fspath(path)
     where = f"{name!r} is not a saved hessop operator"
@@ -408,6 +391,42 @@ def load(path: str | os.PathLike | BinaryIO, *, engine: str = "numba") -> LowRan
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
         msg = f"{where}: {err}"
         raise ValueError(msg) from None
+    return entries, where
+
+
+def load(path: str | os.PathLike | BinaryIO, *, engine: str = "numba") -> Any:
+    """Read an operator written by ``save``; ``allow_pickle=False``.
+
+    Returns the `LowRankOperator`, `FullRankOperator` or `KroneckerOperator`
+    (KFAC, EKFAC and their inverses) that was saved; ``engine`` applies to
+    the first two.
+
+    ``path``: a file name, or a file object opened for binary reading, as
+    ``save`` takes them.
+
+    Raises
+    ------
+    ValueError
+        If the file is not a saved hessop operator (not an .npz archive,
+        missing or foreign entries, unknown version, inconsistent shapes).
+    OSError
+        If the file cannot be opened (e.g. ``FileNotFoundError``).
+
+    Examples
+    --------
+    >>> import numpy as np, hessop, tempfile, os
+    >>> A = hessop.FullRankOperator(np.eye(4)[:, :2], [2.0, 1.0], tail=0.5)
+    >>> path = os.path.join(tempfile.mkdtemp(), "A.npz"); A.save(path)
+    >>> B = hessop.load(path)
+    >>> type(B).__name__, B.tail, bool(np.array_equal(A.Q, B.Q))
+    ('FullRankOperator', 0.5, True)
+    """
+    entries, where = read_archive(path)
+    kind = str(entries.get("kind", ""))
+    if kind.startswith("kronecker"):
+        from hessop.structured.kronecker import from_entries  # numpy only; imported here to keep the layers apart
+
+        return from_entries(entries, where)
     required = {"format", "version", "kind", "Q", "eigenvalues", "tail", "dtype"}
     missing = required - set(entries)
     if missing:

@@ -1,0 +1,626 @@
+r"""KFACOperator and EKFACOperator: Kronecker-factored curvature of Keras layers.
+
+For a Dense layer :math:`z = a W (+ b)` the block of the GGN over W is
+:math:`\text{scale}\sum_n \sum_c (a_n \otimes g_{nc})(a_n \otimes g_{nc})^\top`,
+where :math:`g_{nc} = J_{z_n}^\top s_{nc}` backpropagates column c of a
+square root S_n of the loss's Hessian in the outputs (``fisher_type="type2"``),
+a sampled one (``"mc"``) or the loss gradient itself (``"empirical"``). KFAC
+replaces the sum of Kronecker products by the product of sums,
+
+.. math:: A = \frac1M \sum_m a_m a_m^\top, \qquad G = \text{scale} \sum_m \sum_c g_{mc} g_{mc}^\top,
+
+with M the rows of A (examples, or examples × positions). The block is
+A ⊗ G in hessop's (Keras's row-major) order: a kernel is (d_in, d_out).
+
+How the layers are read: while the per-batch function traces, each covered
+layer's ``call`` is wrapped (an attribute of that layer object, restored at
+once) to record its input and its pre-activation output z; one tape then
+differentiates the model outputs with respect to every z at once (a
+vectorised Jacobian over the R columns). No weight gradient is formed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from hessop._validation import check_positive_int
+from hessop.autodiff.data import Batches
+from hessop.autodiff.engine import Engine, output_matrix, traced_error
+from hessop.operators.base import REDUCTIONS, as_numpy_dtype
+from hessop.structured.kronecker import EigenKron, Kron, KroneckerOperator
+
+try:
+    import keras
+except ImportError:  # pragma: no cover - keras ships with tensorflow
+    keras = None
+
+__all__ = ["EKFACOperator", "KFACOperator"]
+
+FISHER_TYPES = ("type2", "mc", "empirical")
+KFAC_APPROXIMATIONS = ("expand", "reduce")
+_ZERO = tf.UnconnectedGradients.ZERO
+
+
+@dataclass
+class _Layer:
+    """A covered layer: its kind, its variables' positions among the engine's, and its blocks' flat indices."""
+
+    layer: Any
+    kind: str  # "dense", "conv2d", "embedding" or "norm"
+    variables: dict[str, int]  # role ("kernel", "bias", "gamma", "beta") -> engine variable index
+    joint: bool = False  # the bias is a last row of the kernel's block
+    blocks: list[tuple[str, np.ndarray, tuple[int, int]]] = field(default_factory=list)  # (role, index, (a, g))
+
+    @property
+    def name(self) -> str:
+        return self.layer.name
+
+
+def _walk(layer: Any) -> Iterator[Any]:
+    yield layer
+    if isinstance(layer, keras.Model):
+        for sub in layer.layers:
+            yield from _walk(sub)
+
+
+def _unsupported(layer: Any) -> str | None:
+    """Why this covered-type layer cannot be factored, or None."""
+    if getattr(layer, "lora_enabled", False):
+        return "LoRA is enabled"
+    if getattr(layer, "quantization_mode", None):
+        return "it is quantized"
+    if isinstance(layer, keras.layers.Conv2D):
+        if layer.groups != 1:
+            return f"groups={layer.groups}"
+        if layer.data_format != "channels_last":
+            return f"data_format={layer.data_format!r}"
+    return None
+
+
+def _norm_axis_error(layer: Any, rank: int) -> str | None:
+    axis = layer.axis if isinstance(layer.axis, (list, tuple)) else [layer.axis]
+    if len(axis) != 1 or int(axis[0]) % rank != rank - 1:
+        return (
+            f"model: layer {layer.name!r} normalises over axis={layer.axis!r}; KFAC covers normalisation over the last axis only."
+        )
+    return None
+
+
+_KINDS = {
+    "Dense": ("dense", ("kernel", "bias")),
+    "Conv2D": ("conv2d", ("kernel", "bias")),
+    "Embedding": ("embedding", ("embeddings",)),
+    "LayerNormalization": ("norm", ("gamma", "beta")),
+    "BatchNormalization": ("norm", ("gamma", "beta")),
+}
+
+
+def find_layers(engine: Engine, separate_bias: bool) -> list[_Layer]:
+    """The model's covered layers with the engine's variables; refuses any variable no covered layer owns."""
+    model = engine.model
+    if keras is None or not isinstance(model, keras.layers.Layer):
+        msg = f"model: KFAC reads a Keras model's layers; got {type(model).__name__}. Wrap the computation in Keras layers."
+        raise TypeError(msg)
+    position = {id(v): i for i, v in enumerate(engine.variables)}
+    offsets = np.concatenate([[0], np.cumsum(engine.sizes)])
+    found: list[_Layer] = []
+    owned: set[int] = set()
+    seen_layers: set[int] = set()
+    for layer in _walk(model):
+        entry = _KINDS.get(type(layer).__name__)
+        if entry is None or id(layer) in seen_layers or type(layer) is not getattr(keras.layers, type(layer).__name__):
+            continue
+        seen_layers.add(id(layer))
+        kind, roles = entry
+        variables = {}
+        for role in roles:
+            variable = getattr(layer, role, None)
+            if variable is not None and id(getattr(variable, "value", variable)) in position:
+                variables[role] = position[id(getattr(variable, "value", variable))]
+        if not variables:
+            continue
+        reason = _unsupported(layer)
+        if reason is not None:
+            msg = (
+                f"model: layer {layer.name!r} ({type(layer).__name__}) cannot be Kronecker-factored: {reason}. "
+                "Leave its variables out with params=[...]."
+            )
+            raise ValueError(msg)
+        item = _Layer(layer, kind, variables)
+
+        def flat(role: str, variables: dict[str, int] = variables) -> np.ndarray:
+            i = variables[role]
+            return np.arange(offsets[i], offsets[i + 1])
+
+        if kind in ("dense", "conv2d"):
+            has_kernel, has_bias = "kernel" in variables, "bias" in variables
+            d_out = int(layer.kernel.shape[-1])
+            d_in = int(np.prod(layer.kernel.shape[:-1]))
+            item.joint = has_kernel and has_bias and not separate_bias
+            if item.joint:
+                item.blocks.append(("kernel", np.concatenate([flat("kernel"), flat("bias")]), (d_in + 1, d_out)))
+            else:
+                if has_kernel:
+                    item.blocks.append(("kernel", flat("kernel"), (d_in, d_out)))
+                if has_bias:
+                    item.blocks.append(("bias", flat("bias"), (1, d_out)))
+        elif kind == "embedding":
+            vocab, dim = (int(d) for d in layer.embeddings.shape)
+            item.blocks.append(("embeddings", flat("embeddings"), (vocab, dim)))
+        else:
+            index = np.concatenate([flat(role) for role in ("gamma", "beta") if role in variables])
+            item.blocks.append(("norm", index, (1, index.size)))
+        owned.update(variables.values())
+        found.append(item)
+    missing = [i for i in range(len(engine.variables)) if i not in owned]
+    if missing:
+        names = ", ".join(engine.variables[i].name for i in missing[:5]) + (" …" if len(missing) > 5 else "")
+        msg = (
+            f"params: KFAC factors Dense, Conv2D, Embedding, LayerNormalization and BatchNormalization layers only; "
+            f"{len(missing)} variable(s) belong to none of them ({names}). Leave them out with params=[...], or use an "
+            "exact operator (GGNOperator) for them."
+        )
+        raise ValueError(msg)
+    return found
+
+
+@contextlib.contextmanager
+def _recording(layers: Sequence[_Layer], records: dict[str, list[Any]]) -> Iterator[None]:
+    """Wrap each layer's ``call`` to record ``(input, z, xhat)``; restored on exit (runs while tracing only)."""
+    originals = []
+    for item in layers:
+        layer = item.layer
+        original = layer.call
+        originals.append((layer, original))
+        records[item.name] = []
+        layer.call = _recorder(item, original, records[item.name])
+    try:
+        yield
+    finally:
+        for layer, original in originals:
+            # The wrapper is an instance attribute: removing it exposes the class's call again.
+            with contextlib.suppress(AttributeError):
+                object.__delattr__(layer, "call")
+            if layer.call != original:  # pragma: no cover - a call the user had set on the instance
+                layer.call = original
+
+
+def _recorder(item: _Layer, original: Any, calls: list[Any]) -> Any:
+    layer = item.layer
+
+    def call(inputs: Any, *args: Any, **kwargs: Any) -> Any:
+        if item.kind in ("dense", "conv2d"):
+            activation = layer.activation
+            layer.activation = None
+            try:
+                z = original(inputs, *args, **kwargs)
+            finally:
+                layer.activation = activation
+            calls.append((inputs, z, None))
+            return z if activation is None else activation(z)
+        if item.kind == "norm":
+            error = _norm_axis_error(layer, inputs.shape.rank)
+            if error is not None:
+                raise traced_error(ValueError, error)
+            gamma = getattr(layer, "gamma", None)
+            if gamma is None:
+                z = original(inputs, *args, **kwargs)
+                calls.append((inputs, z, None))
+                return z
+            variable = gamma.value
+            # z is affine in γ: its derivative along γ = 1 is x̂, the normalised input.
+            with tf.autodiff.ForwardAccumulator([variable], [tf.ones_like(variable)]) as accumulator:
+                z = original(inputs, *args, **kwargs)
+            calls.append((inputs, z, tf.stop_gradient(accumulator.jvp(z))))
+            return z
+        z = original(inputs, *args, **kwargs)
+        calls.append((inputs, z, None))
+        return z
+
+    return call
+
+
+def _unflatten_outputs(flat: tf.Tensor, like: Any) -> Any:
+    """A (B, K) matrix back into the structure and shapes of the model's outputs (inverse of `output_matrix`)."""
+    leaves = [tf.convert_to_tensor(leaf) for leaf in tf.nest.flatten(like)]
+    sizes = [int(np.prod(leaf.shape[1:])) for leaf in leaves]
+    pieces = tf.split(flat, sizes, axis=1)
+    shaped = [tf.reshape(piece, tf.shape(leaf)) for piece, leaf in zip(pieces, leaves)]
+    return tf.nest.pack_sequence_as(like, shaped)
+
+
+def _positions_mean(t: tf.Tensor) -> tf.Tensor:
+    return tf.reduce_mean(t, axis=list(range(1, t.shape.rank - 1))) if t.shape.rank > 2 else t
+
+
+def _positions_sum(t: tf.Tensor, first: int) -> tf.Tensor:
+    return tf.reduce_sum(t, axis=list(range(first, t.shape.rank - 1))) if t.shape.rank > first + 1 else t
+
+
+class _Factors:
+    """The per-batch work of KFAC and EKFAC for one engine and its covered layers."""
+
+    def __init__(self, engine: Engine, layers: list[_Layer], fisher_type: str, mc_samples: int, approx: str) -> None:
+        self.engine, self.layers = engine, layers
+        self.fisher_type, self.mc_samples, self.approx = fisher_type, mc_samples, approx
+
+    # -- traced pieces -------------------------------------------------------------
+    def _output_vectors(self, x: Any, y: Any, predictions: Any, seed: tf.Tensor) -> tf.Tensor:
+        """(B, K, R): the output-space vectors whose backpropagations are the g's."""
+        engine = self.engine
+        batch = tf.shape(tf.nest.flatten(x)[0])[0]
+        fixed = tf.stop_gradient(output_matrix(predictions, batch))
+        with tf.GradientTape() as outer:
+            outer.watch(fixed)
+            with tf.GradientTape() as inner:
+                inner.watch(fixed)
+                loss = tf.reduce_sum(engine.per_example_loss(x, y, _unflatten_outputs(fixed, predictions), strict=True))
+            gradient = inner.gradient(loss, fixed, unconnected_gradients=_ZERO)
+        if self.fisher_type == "empirical":
+            return gradient[:, :, None]
+        hessian = outer.batch_jacobian(gradient, fixed, unconnected_gradients=_ZERO)  # (B, K, K)
+        values, vectors = tf.linalg.eigh((hessian + tf.linalg.matrix_transpose(hessian)) / 2)
+        root = vectors * tf.sqrt(tf.maximum(values, 0))[:, None, :]
+        if self.fisher_type == "type2":
+            return root
+        noise = tf.random.stateless_normal(
+            tf.stack([batch, tf.shape(fixed)[1], self.mc_samples]), seed, dtype=root.dtype
+        ) / np.sqrt(self.mc_samples)
+        return tf.matmul(root, noise)
+
+    def _backpropagate(self, x: Any, y: Any, seed: tf.Tensor) -> list[tuple[tf.Tensor, tf.Tensor, Any]]:
+        """Per layer: its input a, the R output-gradient columns g (R, B, ..., d_out), and x̂ for norms."""
+        engine = self.engine
+        records: dict[str, list[Any]] = {}
+        with tf.GradientTape() as tape:
+            with _recording(self.layers, records):
+                predictions = engine.call_model(x)
+            flat = output_matrix(predictions, tf.shape(tf.nest.flatten(x)[0])[0])
+            with tape.stop_recording():
+                vectors = tf.stop_gradient(self._output_vectors(x, y, predictions, seed))
+            target = tf.einsum("bk,bkr->r", flat, vectors)
+        for item in self.layers:
+            calls = records[item.name]
+            if len(calls) != 1:
+                msg = (
+                    f"model: layer {item.name!r} was called {len(calls)} times in one call of the model; KFAC needs "
+                    "each factored layer called exactly once (leave its variables out with params=[...])."
+                )
+                raise traced_error(ValueError, msg)
+        zs = [records[item.name][0][1] for item in self.layers]
+        columns = tape.jacobian(target, zs, unconnected_gradients=_ZERO)
+        return [(records[item.name][0][0], g, records[item.name][0][2]) for item, g in zip(self.layers, columns)]
+
+    def _layer_inputs(self, item: _Layer, a: Any) -> tf.Tensor:
+        """The rows a of A, (B, positions…, d_in): patches for Conv2D, with a column of ones for a joint bias."""
+        layer = item.layer
+        a = tf.cast(a, self.engine.dtype)
+        if item.kind == "conv2d":
+            kh, kw = layer.kernel_size
+            a = tf.image.extract_patches(
+                a,
+                sizes=[1, kh, kw, 1],
+                strides=[1, *layer.strides, 1],
+                rates=[1, *layer.dilation_rate, 1],
+                padding=layer.padding.upper(),
+            )
+        if item.joint:
+            a = tf.concat([a, tf.ones_like(a[..., :1])], axis=-1)
+        return a
+
+    def batch_factors(self, x: Any, y: Any, seed: tf.Tensor) -> list[tuple[tf.Tensor, tf.Tensor, tf.Tensor]]:
+        """Per layer ``(ΣaaT, ΣggT, rows)`` on one batch (traced); A is a vector for an Embedding."""
+        out = []
+        for item, (a, g, xhat) in zip(self.layers, self._backpropagate(x, y, seed)):
+            d_out = g.shape[-1]
+            if item.kind == "norm":
+                rows = self._norm_rows(item, g, xhat)
+                out.append((tf.ones([1, 1], g.dtype), tf.matmul(rows, rows, transpose_a=True), tf.ones([], g.dtype)))
+                continue
+            if item.kind == "embedding":
+                tokens = tf.reshape(tf.cast(a, tf.int32), [-1])
+                vocab = item.blocks[0][2][0]
+                counts = tf.math.bincount(tokens, minlength=vocab, maxlength=vocab, dtype=g.dtype)
+                g_rows = tf.reshape(g, [-1, d_out])
+                out.append((counts, tf.matmul(g_rows, g_rows, transpose_a=True), tf.cast(tf.size(tokens), g.dtype)))
+                continue
+            a = self._layer_inputs(item, a)
+            if self.approx == "reduce":
+                a, g = _positions_mean(a), _positions_sum(g, 2)
+            a_rows = tf.reshape(a, [-1, a.shape[-1]])
+            g_rows = tf.reshape(g, [-1, d_out])
+            out.append(
+                (
+                    tf.matmul(a_rows, a_rows, transpose_a=True),
+                    tf.matmul(g_rows, g_rows, transpose_a=True),
+                    tf.cast(tf.shape(a_rows)[0], g.dtype),
+                )
+            )
+        return out
+
+    def _norm_rows(self, item: _Layer, g: tf.Tensor, xhat: Any) -> tf.Tensor:
+        """(R·B, k): the exact per-example, per-column gradients of a normalisation's γ and β."""
+        pieces = []
+        if "gamma" in item.variables:
+            pieces.append(_positions_sum(g * tf.cast(xhat, g.dtype)[None], 2))
+        if "beta" in item.variables:
+            pieces.append(_positions_sum(g, 2))
+        rows = tf.concat(pieces, axis=-1)
+        return tf.reshape(rows, [-1, rows.shape[-1]])
+
+    def batch_eigenvalues(self, x: Any, y: Any, seed: tf.Tensor, bases: list[Any]) -> list[list[tf.Tensor]]:
+        """Per layer and block: Σ of the squared per-example gradients in the KFAC eigenbasis (traced)."""
+        out = []
+        for item, (a, g, _), (Ua, Ug) in zip(self.layers, self._backpropagate(x, y, seed), bases):
+            if item.kind == "norm":
+                out.append([tf.zeros([1, 1], g.dtype)])  # exact blocks need no refit
+                continue
+            g_rot = tf.tensordot(g, Ug, axes=[[g.shape.rank - 1], [0]])  # (R, B, pos…, g)
+            if item.kind == "embedding":
+                out.append([self._embedding_eigenvalues(item, a, g_rot)])
+                continue
+            values = []
+            for role, _, _ in item.blocks:
+                if role == "bias":  # its per-example gradient is g summed over positions
+                    values.append(tf.reduce_sum(_positions_sum(g_rot, 2) ** 2, axis=[0, 1])[None])
+                else:
+                    values.append(self._kernel_eigenvalues(item, a, g_rot, Ua))
+            out.append(values)
+        return out
+
+    def _kernel_eigenvalues(self, item: _Layer, a: Any, g_rot: tf.Tensor, Ua: tf.Tensor) -> tf.Tensor:
+        a = self._layer_inputs(item, a)
+        if self.approx == "reduce":
+            a, g_rot = _positions_mean(a), _positions_sum(g_rot, 2)
+        a_rot = tf.tensordot(a, Ua, axes=[[a.shape.rank - 1], [0]])  # (B, pos…, a)
+        if a_rot.shape.rank == 2:  # one row per example: the squares factor
+            return tf.einsum("ba,rbg->ag", a_rot**2, g_rot**2)
+        a_rot = tf.reshape(a_rot, [tf.shape(a_rot)[0], -1, a_rot.shape[-1]])
+        g_rot = tf.reshape(g_rot, [tf.shape(g_rot)[0], tf.shape(g_rot)[1], -1, g_rot.shape[-1]])
+        per_example = tf.einsum("bta,rbtg->rbag", a_rot, g_rot)
+        return tf.reduce_sum(per_example**2, axis=[0, 1])
+
+    def _embedding_eigenvalues(self, item: _Layer, tokens: Any, g_rot: tf.Tensor) -> tf.Tensor:
+        vocab, dim = item.blocks[0][2]
+        tokens = tf.cast(tokens, tf.int64)
+        batch = tf.shape(tokens, out_type=tf.int64)[0]
+        example = tf.broadcast_to(tf.reshape(tf.range(batch), [-1] + [1] * (tokens.shape.rank - 1)), tf.shape(tokens))
+        pairs, segment = tf.unique(tf.reshape(example * vocab + tokens, [-1]))
+        rows = tf.reshape(g_rot, [tf.shape(g_rot)[0], -1, dim])  # (R, B·T, dim)
+        sums = tf.vectorized_map(lambda r: tf.math.unsorted_segment_sum(r, segment, tf.size(pairs)), rows)
+        squares = tf.reduce_sum(sums**2, axis=0)  # (pairs, dim)
+        return tf.math.unsorted_segment_sum(squares, tf.cast(pairs % vocab, tf.int32), vocab)
+
+
+def _check_options(fisher_type: str, mc_samples: int, kfac_approx: str, reduction: str, seed: Any) -> int:
+    if fisher_type not in FISHER_TYPES:
+        msg = f"fisher_type: expected one of {FISHER_TYPES}, got {fisher_type!r}."
+        raise ValueError(msg)
+    if kfac_approx not in KFAC_APPROXIMATIONS:
+        msg = f"kfac_approx: expected one of {KFAC_APPROXIMATIONS}, got {kfac_approx!r}."
+        raise ValueError(msg)
+    if reduction not in REDUCTIONS:
+        msg = f"reduction: expected one of {REDUCTIONS}, got {reduction!r}."
+        raise ValueError(msg)
+    check_positive_int(mc_samples, "mc_samples")
+    if seed is None:
+        return int(np.random.SeedSequence().generate_state(1)[0] >> 1)
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        msg = f"seed: expected a non-negative int or None, got {seed!r}."
+        raise TypeError(msg)
+    return int(seed)
+
+
+class KFACOperator(KroneckerOperator):
+    r"""Kronecker-factored approximate curvature (KFAC) of a Keras model: a block-diagonal P × P operator.
+
+    Each Dense or Conv2D layer's block is A ⊗ G (module docstring); an
+    Embedding's A is diagonal (token frequencies); LayerNormalization and
+    BatchNormalization scale and offset get their exact block. A variable of
+    any other layer is refused by name: leave it out with ``params``.
+    Products, the inverse, ``logdet``, ``trace``, ``diagonal`` and
+    ``frobenius_norm`` then cost no data pass (`KroneckerOperator`).
+
+    Parameters
+    ----------
+    model : keras.Model
+        Layers are found through ``model.layers`` (nested models included); each
+        factored layer must be called once per model call.
+    loss_fn, data
+        As for `GGNOperator`. The loss must give per-example values.
+    fisher_type : {"type2", "mc", "empirical"}
+        What G backpropagates: the columns of a square root of the loss's
+        Hessian in the outputs (then KFAC approximates the GGN, and is exact
+        where the examples' A-rows or G-columns do not vary: deep linear
+        networks with squared error, or one example); ``mc_samples`` Gaussian
+        combinations of them, seeded (the same expectation at the cost of one
+        column each; exact output Hessians are still formed); or the loss's
+        gradient (the empirical Fisher, approximating `OPGOperator`).
+    mc_samples : int
+        Samples per example for ``"mc"``.
+    kfac_approx : {"expand", "reduce"}
+        For layers applied at several positions (Dense on sequences, Conv2D):
+        ``"expand"`` treats each position as a row of A and G; ``"reduce"``
+        averages a over positions and sums g (Eschenhagen et al., 2023).
+        Embeddings always expand.
+    separate_bias : bool
+        Give a bias its own block [1] ⊗ G (default, as curvlinops), or a last
+        row of ones in the kernel's A (one joint block).
+    seed : int or None
+        For ``"mc"``; batch i uses the stateless seed (seed, i).
+
+    Other Parameters
+    ----------------
+    params, batch_size, reduction, dtype, jit_compile : optional
+        As for `HessianOperator`. ``reduction="mean"`` divides G by N, so the
+        operator approximates the `GGNOperator` of the same reduction.
+
+    Examples
+    --------
+    >>> import numpy as np, keras, hessop
+    >>> rng = np.random.default_rng(0)
+    >>> x, y = rng.normal(size=(32, 3)), rng.normal(size=(32, 2))
+    >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4, dtype="float64"),
+    ...                           keras.layers.Dense(2, dtype="float64")])
+    >>> K = hessop.KFACOperator(model, keras.losses.MeanSquaredError(dtype="float64"), (x, y))
+    >>> G = hessop.GGNOperator(model, keras.losses.MeanSquaredError(dtype="float64"), (x, y))
+    >>> block = slice(0, 12)  # the first kernel: deep linear + squared error, so KFAC is exact there
+    >>> bool(np.allclose(K.to_dense()[block, block], G.to_dense()[block, block]))
+    True
+    >>> Kinv = K.inverse(damping=1e-3, heuristic="exact")
+    >>> bool(np.allclose(Kinv @ (K @ np.ones(K.shape[0])) + 1e-3 * (Kinv @ np.ones(K.shape[0])), 1.0))
+    True
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        loss_fn: Any,
+        data: Any,
+        *,
+        params: Sequence[Any] | None = None,
+        fisher_type: str = "type2",
+        mc_samples: int = 1,
+        kfac_approx: str = "expand",
+        separate_bias: bool = True,
+        seed: int | None = None,
+        batch_size: int | None = None,
+        reduction: str = "mean",
+        dtype: Any = None,
+        jit_compile: bool = False,
+    ) -> None:
+        self.seed = _check_options(fisher_type, mc_samples, kfac_approx, reduction, seed)
+        if not isinstance(separate_bias, bool):
+            msg = f"separate_bias: expected True or False, got {separate_bias!r}."
+            raise TypeError(msg)
+        self._engine = Engine(model, loss_fn, params, jit_compile=jit_compile)
+        self._batches = Batches(data, batch_size)
+        self.num_data = self._batches.num_data
+        self.reduction = reduction
+        self.fisher_type, self.mc_samples, self.kfac_approx = fisher_type, mc_samples, kfac_approx
+        self.num_passes = 0
+        self._layers = find_layers(self._engine, separate_bias)
+        self._work = _Factors(self._engine, self._layers, fisher_type, mc_samples, kfac_approx)
+        self.factors = self._kfac_factors()
+        blocks, indices, names = self._kron_blocks()
+        dtype = as_numpy_dtype(dtype, self._engine.dtype.as_numpy_dtype)
+        super().__init__(blocks, indices, self._engine.num_params, names=names, dtype=dtype)
+
+    @property
+    def scale(self) -> float:
+        """1/N for ``reduction="mean"``, 1 for ``"sum"``."""
+        return 1.0 / self.num_data if self.reduction == "mean" else 1.0
+
+    @property
+    def params(self) -> list[tf.Variable]:
+        return list(self._engine.variables)
+
+    def _pass(self, traced: Any, *extra: Any) -> list[list[np.ndarray]]:
+        """One data pass of a per-batch function, summed in float64."""
+        self.num_passes += 1
+        totals: list[list[np.ndarray]] | None = None
+        for index, (x, y) in enumerate(self._batches):
+            seed = tf.constant([self.seed, index], dtype=tf.int64)
+            values = traced(x, y, seed, *extra)
+            arrays = [[np.array(t, dtype=np.float64) for t in tf.nest.flatten(layer)] for layer in values]
+            if totals is None:
+                totals = arrays
+            else:
+                for total, batch in zip(totals, arrays):
+                    for t, b in zip(total, batch):
+                        t += b
+        for layer, total in zip(self._layers, totals):
+            if not all(np.all(np.isfinite(t)) for t in total):
+                msg = (
+                    f"data: the curvature factors of layer {layer.name!r} are not finite "
+                    "(NaN or inf in the data, outputs or loss)."
+                )
+                raise ValueError(msg)
+        return totals
+
+    def _kfac_factors(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        traced = self._engine.per_batch(self._work.batch_factors)
+        factors = []
+        for item, (A_sum, G_sum, rows) in zip(self._layers, self._pass(traced)):
+            A = A_sum / float(rows) if item.kind != "norm" else A_sum
+            factors.append((A, G_sum * self.scale))
+        return factors
+
+    def _kron_blocks(self) -> tuple[list[Kron], list[np.ndarray], list[str]]:
+        blocks, indices, names = [], [], []
+        for item, (A, G) in zip(self._layers, self.factors):
+            for role, index, _ in item.blocks:
+                factor = np.ones((1, 1)) if role == "bias" else A
+                blocks.append(Kron(factor, G))
+                indices.append(index)
+                names.append(f"{item.name}/{role}" if len(item.blocks) > 1 else item.name)
+        return blocks, indices, names
+
+    def __repr__(self) -> str:
+        return (
+            f"<{type(self).__name__} P={self.shape[0]} blocks={len(self.blocks)} fisher_type={self.fisher_type!r} "
+            f"kfac_approx={self.kfac_approx!r} num_data={self.num_data} reduction={self.reduction!r}>"
+        )
+
+
+class EKFACOperator(KFACOperator):
+    r"""Eigenvalue-corrected KFAC (George et al., 2018): KFAC's eigenbases with refitted eigenvalues.
+
+    Each block is :math:`(U_A \otimes U_G)\,\mathrm{diag}(\Lambda)\,(U_A \otimes U_G)^\top`
+    with U_A, U_G the eigenvectors of KFAC's factors and
+
+    .. math:: \Lambda_{ij} = \text{scale} \sum_n \sum_c \big(U_A^\top \nabla_{W} \ell_{nc}\, U_G\big)_{ij}^2,
+
+    the per-example, per-column gradients of the layer (summed over its
+    positions) rotated into that basis: a second data pass. Λ is the best
+    diagonal in the basis (in Frobenius norm), so EKFAC is exact wherever
+    KFAC is, and at least as close to the layer's block otherwise.
+    Normalisation blocks stay exact. Takes the arguments of `KFACOperator`.
+
+    Examples
+    --------
+    >>> import numpy as np, keras, hessop
+    >>> rng = np.random.default_rng(1)
+    >>> x, y = rng.normal(size=(16, 3)), rng.integers(0, 3, 16)
+    >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(5, activation="tanh", dtype="float64"),
+    ...                           keras.layers.Dense(3, dtype="float64")])
+    >>> loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True, dtype="float64")
+    >>> E = hessop.EKFACOperator(model, loss, (x, y))
+    >>> E.num_passes, round(E.logdet(damping=1e-2) - hessop.KFACOperator(model, loss, (x, y)).logdet(damping=1e-2), 6) != 0
+    (2, True)
+    """
+
+    def _kron_blocks(self) -> tuple[list[EigenKron], list[np.ndarray], list[str]]:
+        kron, indices, names = super()._kron_blocks()
+        bases = []
+        for item, (A, G) in zip(self._layers, self.factors):
+            if item.kind == "norm":
+                bases.append((tf.zeros([1, 1], self._engine.dtype), tf.zeros([1, 1], self._engine.dtype)))
+                continue
+            Ua = np.eye(1) if item.kind == "embedding" else np.linalg.eigh(A)[1]
+            Ug = np.linalg.eigh(G)[1]
+            bases.append((tf.constant(Ua, self._engine.dtype), tf.constant(Ug, self._engine.dtype)))
+
+        def batch_eigenvalues(x: Any, y: Any, seed: tf.Tensor) -> list[tf.Tensor]:
+            return self._work.batch_eigenvalues(x, y, seed, bases)
+
+        totals = self._pass(self._engine.per_batch(batch_eigenvalues))
+        blocks: list[EigenKron] = []
+        position = 0
+        for item, values, (Ua, Ug) in zip(self._layers, totals, bases):
+            layer_blocks = kron[position : position + len(item.blocks)]
+            position += len(item.blocks)
+            if item.kind == "norm":
+                blocks.extend(block.eigen() for block in layer_blocks)
+                continue
+            Ug_np = Ug.numpy().astype(np.float64)
+            for (role, _, _), refit in zip(item.blocks, values):
+                Ua_np = None if item.kind == "embedding" else np.ones((1, 1)) if role == "bias" else Ua.numpy().astype(np.float64)
+                blocks.append(EigenKron(Ua_np, Ug_np, refit * self.scale))
+        return blocks, indices, names

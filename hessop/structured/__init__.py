@@ -1,0 +1,1 @@
+"""Structured curvature on the numpy side: Kronecker-factored block-diagonal operators."""
