@@ -93,3 +93,38 @@ def test_contract(name: str, kind: str) -> None:
         _close(adjoints, reference.T @ cotangents, RTOL)
     if kind in ("hessian", "ggn", "opg"):
         _close(products[:, 1] @ block[:, 0], products[:, 0] @ block[:, 1], RTOL)
+    if kind in ("ggn", "opg"):
+        # The diagonal by backpropagation (C backward passes per example), not by P products.
+        _close(hessop.diagonal(op), np.diag(reference), RTOL)
+
+
+# Layers KFAC factors; any other layer's variables must be refused by name.
+_KFAC_REFUSES = {
+    "transformer": "multi_head_attention",
+    "cnn_groupnorm": "group_normalization",
+    "separable": "depthwise_conv2d",
+    "lstm": "lstm",
+    "gru": "gru",
+    "tf_module": "Keras model",
+    "subclassed": "called 2 times",  # its hidden layer is applied twice
+}
+
+
+@pytest.mark.parametrize("name", sorted(ALL_CASES))
+def test_kfac_contract(name: str) -> None:
+    """KFAC and EKFAC: symmetric, matmat columns are matvecs, and their diagonal and trace are their matrix's."""
+    case = ALL_CASES[name]()
+    if name in _KFAC_REFUSES:
+        with pytest.raises((ValueError, TypeError), match=_KFAC_REFUSES[name]):
+            hessop.KFACOperator(case.model, case.loss_fn, (case.x, case.y), params=case.params)
+        return
+    for cls in (hessop.KFACOperator, hessop.EKFACOperator):
+        op = cls(case.model, case.loss_fn, (case.x, case.y), params=case.params)
+        dense = op.to_dense()
+        block = np.random.default_rng(1).standard_normal((op.shape[0], 2))
+        _close(op.matmat(block), dense @ block, RTOL)
+        _close(op.matvec(block[:, 0]), dense @ block[:, 0], RTOL)
+        _close(dense, dense.T, RTOL)
+        _close(hessop.diagonal(op), np.diag(dense), RTOL)
+        assert op.trace() == pytest.approx(np.trace(dense), rel=RTOL)
+        assert np.linalg.eigvalsh(dense)[0] >= -RTOL * np.abs(dense).max()

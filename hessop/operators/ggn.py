@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import tensorflow as tf
 
-from hessop.autodiff.engine import Engine
+from hessop.autodiff.engine import Engine, output_matrix
 from hessop.operators.base import CurvatureOptions, SymmetricDataPassOperator, with_options
 
-__all__ = ["GGNOperator", "ggn"]
+__all__ = ["GGNOperator", "ggn", "loss_output_vectors"]
+
+FISHER_TYPES = ("type2", "mc", "empirical")
 
 _ZERO = tf.UnconnectedGradients.ZERO
 
@@ -37,6 +40,64 @@ def ggn(engine: Engine, x: Any, y: Any, v: tf.Tensor, part: tuple[int, ...] | No
     hjv = tf.nest.map_structure(tf.stop_gradient, outer.gradient(dot, fixed, unconnected_gradients=_ZERO))
     rows = engine.part_variables(part)[1]
     return engine.concat(engine.gradients(tape, predictions, hjv, rows))
+
+
+def _unflatten_outputs(flat: tf.Tensor, like: Any) -> Any:
+    """A (B, K) matrix back into the structure and shapes of the model's outputs (inverse of `output_matrix`)."""
+    leaves = [tf.convert_to_tensor(leaf) for leaf in tf.nest.flatten(like)]
+    sizes = [int(np.prod(leaf.shape[1:])) for leaf in leaves]
+    pieces = tf.split(flat, sizes, axis=1)
+    shaped = [tf.reshape(piece, tf.shape(leaf)) for piece, leaf in zip(pieces, leaves)]
+    return tf.nest.pack_sequence_as(like, shaped)
+
+
+def loss_output_vectors(
+    engine: Engine, x: Any, y: Any, predictions: Any, fisher_type: str, samples: int = 1, seed: tf.Tensor | None = None
+) -> tf.Tensor:
+    """(B, K, R) output-space vectors s whose products Jᵀs build a GGN or Fisher (traced, no gradient).
+
+    ``"type2"``: the K columns of a square root of each example's loss
+    Hessian in its K outputs (``S Sᵀ = ∇²_f ℓ``, by eigendecomposition, so
+    singular Hessians such as softmax's are fine); ``"mc"``: ``samples``
+    Gaussian combinations S ε / √samples, seeded statelessly by ``seed``
+    (the same expectation); ``"empirical"``: the loss gradient ∇_f ℓ (R = 1).
+    """
+    batch = tf.shape(tf.nest.flatten(x)[0])[0]
+    fixed = tf.stop_gradient(output_matrix(predictions, batch))
+    with tf.GradientTape() as outer:
+        outer.watch(fixed)
+        with tf.GradientTape() as inner:
+            inner.watch(fixed)
+            loss = tf.reduce_sum(engine.per_example_loss(x, y, _unflatten_outputs(fixed, predictions), strict=True))
+        gradient = inner.gradient(loss, fixed, unconnected_gradients=_ZERO)
+    if fisher_type == "empirical":
+        return tf.stop_gradient(gradient[:, :, None])
+    hessian = outer.batch_jacobian(gradient, fixed, unconnected_gradients=_ZERO)  # (B, K, K)
+    values, vectors = tf.linalg.eigh((hessian + tf.linalg.matrix_transpose(hessian)) / 2)
+    root = vectors * tf.sqrt(tf.maximum(values, 0))[:, None, :]
+    if fisher_type == "type2":
+        return tf.stop_gradient(root)
+    noise = tf.random.stateless_normal(tf.stack([batch, tf.shape(fixed)[1], samples]), seed, dtype=root.dtype)
+    return tf.stop_gradient(tf.matmul(root, noise) / np.sqrt(samples))
+
+
+def diagonal_by_backprop(engine: Engine, x: Any, y: Any, seed: tf.Tensor, fisher_type: str, samples: int) -> tf.Tensor:
+    """Σₙ Σ_r (Jₙᵀ s_nr)², the diagonal of a batch's GGN (type2), MC Fisher or OPG (empirical), traced.
+
+    Per example, R backward passes of the model (vectorised over the R
+    columns and over the examples), never P products.
+    """
+    vectors = loss_output_vectors(engine, x, y, engine.call_model(x), fisher_type, samples, seed)
+
+    def squares(xn: Any, packed: Any) -> tf.Tensor:
+        yn, sn = packed
+        with tf.GradientTape() as tape:
+            flat = output_matrix(engine.call_model(xn), 1)
+            target = tf.linalg.matvec(sn[0], flat[0], transpose_a=True)  # (R,)
+        rows = tape.jacobian(target, engine.variables, unconnected_gradients=_ZERO)
+        return tf.reduce_sum(tf.concat([tf.reshape(r, (tf.shape(target)[0], -1)) for r in rows], axis=1) ** 2, axis=0)
+
+    return tf.reduce_sum(engine.per_example("diagonal rows", squares, x, (y, vectors)), axis=0)
 
 
 @with_options(CurvatureOptions)
@@ -84,3 +145,21 @@ class GGNOperator(SymmetricDataPassOperator):
 
     _product = staticmethod(ggn)
     _kernel_curvature = "ggn"
+
+    def _fast_diagonal(self, method: str, mc_samples: int, seed: int) -> np.ndarray:
+        """The exact (``"exact"``) or Monte-Carlo (``"mc"``) diagonal by backpropagation (`hessop.diagonal`)."""
+        fisher_type = "type2" if method == "exact" else "mc"
+        key = (fisher_type, mc_samples)
+        functions = self.__dict__.setdefault("_diagonal_functions", {})
+        if key not in functions:
+            functions[key] = self._engine.per_batch(
+                lambda x, y, s: diagonal_by_backprop(self._engine, x, y, s, fisher_type, mc_samples)
+            )
+        total = np.zeros(self.num_params)
+        self._count_pass()
+        for index, (x, y) in enumerate(self._iter_batches("diagonal")):
+            total += functions[key](x, y, tf.constant([seed, index], dtype=tf.int64)).numpy()
+        if not np.all(np.isfinite(total)):
+            msg = "data: the GGN's diagonal is not finite (NaN or inf in the data, outputs or loss)."
+            raise ValueError(msg)
+        return total * self.scale

@@ -33,6 +33,7 @@ from hessop._validation import check_positive_int
 from hessop.autodiff.data import Batches
 from hessop.autodiff.engine import Engine, output_matrix, traced_error
 from hessop.operators.base import REDUCTIONS, as_numpy_dtype
+from hessop.operators.ggn import loss_output_vectors
 from hessop.structured.kronecker import EigenKron, Kron, KroneckerOperator
 
 try:
@@ -226,15 +227,6 @@ def _recorder(item: _Layer, original: Any, calls: list[Any]) -> Any:
     return call
 
 
-def _unflatten_outputs(flat: tf.Tensor, like: Any) -> Any:
-    """A (B, K) matrix back into the structure and shapes of the model's outputs (inverse of `output_matrix`)."""
-    leaves = [tf.convert_to_tensor(leaf) for leaf in tf.nest.flatten(like)]
-    sizes = [int(np.prod(leaf.shape[1:])) for leaf in leaves]
-    pieces = tf.split(flat, sizes, axis=1)
-    shaped = [tf.reshape(piece, tf.shape(leaf)) for piece, leaf in zip(pieces, leaves)]
-    return tf.nest.pack_sequence_as(like, shaped)
-
-
 def _positions_mean(t: tf.Tensor) -> tf.Tensor:
     return tf.reduce_mean(t, axis=list(range(1, t.shape.rank - 1))) if t.shape.rank > 2 else t
 
@@ -251,29 +243,6 @@ class _Factors:
         self.fisher_type, self.mc_samples, self.approx = fisher_type, mc_samples, approx
 
     # -- traced pieces -------------------------------------------------------------
-    def _output_vectors(self, x: Any, y: Any, predictions: Any, seed: tf.Tensor) -> tf.Tensor:
-        """(B, K, R): the output-space vectors whose backpropagations are the g's."""
-        engine = self.engine
-        batch = tf.shape(tf.nest.flatten(x)[0])[0]
-        fixed = tf.stop_gradient(output_matrix(predictions, batch))
-        with tf.GradientTape() as outer:
-            outer.watch(fixed)
-            with tf.GradientTape() as inner:
-                inner.watch(fixed)
-                loss = tf.reduce_sum(engine.per_example_loss(x, y, _unflatten_outputs(fixed, predictions), strict=True))
-            gradient = inner.gradient(loss, fixed, unconnected_gradients=_ZERO)
-        if self.fisher_type == "empirical":
-            return gradient[:, :, None]
-        hessian = outer.batch_jacobian(gradient, fixed, unconnected_gradients=_ZERO)  # (B, K, K)
-        values, vectors = tf.linalg.eigh((hessian + tf.linalg.matrix_transpose(hessian)) / 2)
-        root = vectors * tf.sqrt(tf.maximum(values, 0))[:, None, :]
-        if self.fisher_type == "type2":
-            return root
-        noise = tf.random.stateless_normal(
-            tf.stack([batch, tf.shape(fixed)[1], self.mc_samples]), seed, dtype=root.dtype
-        ) / np.sqrt(self.mc_samples)
-        return tf.matmul(root, noise)
-
     def _backpropagate(self, x: Any, y: Any, seed: tf.Tensor) -> list[tuple[tf.Tensor, tf.Tensor, Any]]:
         """Per layer: its input a, the R output-gradient columns g (R, B, ..., d_out), and x̂ for norms."""
         engine = self.engine
@@ -283,7 +252,7 @@ class _Factors:
                 predictions = engine.call_model(x)
             flat = output_matrix(predictions, tf.shape(tf.nest.flatten(x)[0])[0])
             with tape.stop_recording():
-                vectors = tf.stop_gradient(self._output_vectors(x, y, predictions, seed))
+                vectors = loss_output_vectors(self.engine, x, y, predictions, self.fisher_type, self.mc_samples, seed)
             target = tf.einsum("bk,bkr->r", flat, vectors)
         for item in self.layers:
             calls = records[item.name]

@@ -63,6 +63,13 @@ class OPGOperator(SymmetricDataPassOperator):
     True
     """
 
+    def _fast_diagonal(self, method: str, mc_samples: int, seed: int) -> np.ndarray:
+        """Σₙ gₙ²·scale from per-example gradients: one backward pass per example, exact for any ``method``."""
+        total = np.zeros(self.num_params)
+        for rows in self._per_example_rows(self._engine.per_example_gradients, "diagonal"):
+            total += np.sum(rows.astype(np.float64) ** 2, axis=0)
+        return total * self.scale
+
     _product = staticmethod(opg)
     _per_example_loss = True
 

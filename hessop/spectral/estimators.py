@@ -18,7 +18,7 @@ from hessop.dense.columns import DEFAULT_MAX_DENSE, column_parts, lower_block_pr
 __all__ = ["trace", "diagonal", "row_sums", "spectral_density", "SpectralDensity"]
 
 TRACE_METHODS = ("hutchinson", "hutch++")
-DIAGONAL_METHODS = ("exact", "hutchinson")
+DIAGONAL_METHODS = ("exact", "mc", "hutchinson")
 
 
 def _square_size(op: Any) -> int:
@@ -113,23 +113,32 @@ def diagonal(
     block_size: int = 64,
     max_params: int = DEFAULT_MAX_DENSE,
     progress: bool = False,
+    mc_samples: int = 1,
 ) -> np.ndarray:
     r"""Diagonal of a square operator.
 
     Parameters
     ----------
     op : LinearOperator
-    method : {"exact", "hutchinson"}
-        ``"exact"``: products with blocks of unit vectors, one block per
-        ``matmat`` (P / block_size passes over the data); refuses P above
-        ``max_params``. ``"hutchinson"``: E[z ∘ Az] over ``num_matvecs``
-        Rademacher probes (Bekas et al. 2007).
+    method : {"exact", "mc", "hutchinson"}
+        ``"exact"``: for a `GGNOperator`, one data pass that backpropagates
+        the C columns of a square root of the loss's Hessian in the C outputs
+        (:math:`\mathrm{diag}\,G = \sum_n \sum_c (J_n^\top s_{nc})^2`); for an
+        `OPGOperator`, the squared per-example gradients; for a
+        `KroneckerOperator` (KFAC), its own formula. Any other operator:
+        products with blocks of unit vectors, one block per ``matmat``
+        (P / block_size passes over the data), refused above ``max_params``.
+        ``"mc"`` (GGN): ``mc_samples`` random combinations of those columns
+        per example, seeded, in place of all C; unbiased. ``"hutchinson"``:
+        E[z ∘ Az] over ``num_matvecs`` Rademacher probes (Bekas et al. 2007).
     num_matvecs, seed, block_size
         Probes, random seed and vectors per ``matmat``.
     max_params : int
         Size limit for ``"exact"``; raise it deliberately.
     progress : bool
         Show one progress bar counting the operator's products.
+    mc_samples : int
+        Samples per example for ``"mc"``.
 
     Returns
     -------
@@ -143,6 +152,18 @@ def diagonal(
     """
     if method not in DIAGONAL_METHODS:
         msg = f"method: expected one of {DIAGONAL_METHODS}, got {method!r}."
+        raise ValueError(msg)
+    mc_samples = check_positive_int(mc_samples, "mc_samples")
+    fast = getattr(op, "_fast_diagonal", None)
+    if method in ("exact", "mc") and fast is not None:
+        if seed is None:
+            seed = int(np.random.SeedSequence().generate_state(1)[0] >> 1)
+        return fast(method, mc_samples, seed)
+    if method == "mc":
+        msg = (
+            f"method: 'mc' samples the loss's Hessian in the outputs, so it needs a GGNOperator (or an OPG or KFAC "
+            f"operator), got {type(op).__name__}; use 'exact' or 'hutchinson'."
+        )
         raise ValueError(msg)
     size = _square_size(op)
     block_size = check_positive_int(block_size, "block_size")

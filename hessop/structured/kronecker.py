@@ -316,6 +316,9 @@ class KroneckerOperator(LinearOperator):
             out[index] = block.diagonal()
         return out
 
+    def _fast_diagonal(self, method: str, mc_samples: int, seed: int) -> np.ndarray:
+        return self.diagonal()
+
     def frobenius_norm(self) -> float:
         """‖K‖_F, from ‖A ⊗ G‖_F = ‖A‖_F ‖G‖_F."""
         return float(np.sqrt(sum(block.frobenius2() for block in self.blocks)))

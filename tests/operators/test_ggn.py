@@ -87,3 +87,17 @@ def test_ggn_of_a_model_with_two_heads_equals_that_of_their_concatenation():
     vector = rng.normal(size=G.shape[0])
     assert rel_err(G @ vector, reference @ vector) < 1e-10
     assert rel_err(G.to_dense(), reference) < 1e-10
+
+
+def test_monte_carlo_diagonal_converges_to_the_exact_one_in_one_pass(mlp):
+    G = ggn(mlp, batch_size=16)
+    exact = hessop.diagonal(G)
+    passes = G.num_passes
+    errors = [rel_err(hessop.diagonal(G, method="mc", mc_samples=samples, seed=3), exact) for samples in (2, 200)]
+    assert G.num_passes == passes + 2  # one data pass each
+    # Monte Carlo error shrinks as 1/√samples: 10× here; ask for 4×.
+    assert errors[1] < errors[0] / 4
+    assert errors[1] < 0.2
+    np.testing.assert_array_equal(hessop.diagonal(G, method="mc", seed=3), hessop.diagonal(G, method="mc", seed=3))
+    with pytest.raises(ValueError, match="GGNOperator"):
+        hessop.diagonal(hessop.HessianOperator(mlp.model, mlp.loss_fn, (mlp.x, mlp.y), params=mlp.params), method="mc")
