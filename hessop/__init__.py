@@ -41,6 +41,8 @@ _EXPORTS = {
     "spectral_density": "hessop.spectral.estimators",
     "SpectralDensity": "hessop.spectral.estimators",
     "plot_spectrum": "hessop.spectral.plot",
+    "block_diagonal": "hessop.spectral.blocks",
+    "BlockDiagonalOperator": "hessop.spectral.blocks",
     # statistics
     "covariance": "hessop.stats.covariance",
     "standard_errors": "hessop.stats.covariance",
@@ -65,6 +67,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from hessop.operators.jacobian import JacobianOperator
     from hessop.operators.kfac import EKFACOperator, KFACOperator
     from hessop.operators.opg import OPGOperator, per_example_gradients
+    from hessop.spectral.blocks import BlockDiagonalOperator, block_diagonal
     from hessop.spectral.eigen import eigen, full_rank, low_rank
     from hessop.spectral.estimators import SpectralDensity, diagonal, row_sums, spectral_density, trace
     from hessop.spectral.plot import plot_spectrum
