@@ -26,6 +26,7 @@ _EXPORTS = {
     # structured curvature
     "KFACOperator": "hessop.operators.kfac",
     "EKFACOperator": "hessop.operators.kfac",
+    "FisherOperator": "hessop.operators.fisher",
     "KroneckerOperator": "hessop.structured.kronecker",
     # low-rank and full-rank approximations
     "LowRankOperator": "hessop.lowrank.operators",
@@ -62,6 +63,7 @@ __all__ = sorted(_EXPORTS)
 if TYPE_CHECKING:  # pragma: no cover
     from hessop.autodiff.params import flatten, unflatten
     from hessop.lowrank.operators import FullRankOperator, LowRankOperator, load
+    from hessop.operators.fisher import FisherOperator
     from hessop.operators.ggn import GGNOperator
     from hessop.operators.hessian import HessianOperator
     from hessop.operators.jacobian import JacobianOperator

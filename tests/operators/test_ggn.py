@@ -101,3 +101,24 @@ def test_monte_carlo_diagonal_converges_to_the_exact_one_in_one_pass(mlp):
     np.testing.assert_array_equal(hessop.diagonal(G, method="mc", seed=3), hessop.diagonal(G, method="mc", seed=3))
     with pytest.raises(ValueError, match="GGNOperator"):
         hessop.diagonal(hessop.HessianOperator(mlp.model, mlp.loss_fn, (mlp.x, mlp.y), params=mlp.params), method="mc")
+
+
+def test_monte_carlo_fisher_is_fixed_symmetric_and_converges_to_the_ggn(mlp):
+    dense = ggn(mlp).to_dense()
+    errors = []
+    for samples in (2, 200):
+        F = hessop.FisherOperator(
+            mlp.model, mlp.loss_fn, (mlp.x, mlp.y), params=mlp.params, mc_samples=samples, seed=1, batch_size=16
+        )
+        fisher = F.to_dense()
+        np.testing.assert_allclose(fisher, fisher.T, atol=1e-12 * np.abs(fisher).max())
+        errors.append(rel_err(fisher, dense))
+    v = np.random.default_rng(2).normal(size=F.shape[0])
+    np.testing.assert_array_equal(F @ v, F @ v)  # the same samples at every product
+    np.testing.assert_allclose(F @ v, fisher @ v, rtol=1e-10)
+    assert errors[1] < errors[0] / 4
+    assert errors[1] < 0.2
+    with pytest.raises(ValueError, match="GGNOperator"):
+        hessop.FisherOperator(mlp.model, mlp.loss_fn, (mlp.x, mlp.y), fisher_type="type2")
+    with pytest.raises(TypeError, match="reduce"):
+        hessop.FisherOperator(mlp.model, mlp.loss_fn, (mlp.x, mlp.y), reduce="sum")
