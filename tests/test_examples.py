@@ -18,6 +18,7 @@ EXPECTED = {
     "laplace_mlp.py": ["optimised prior precision", "predictive sd", "laplace_mlp.png"],
     "opg_ggn_hessian.py": ["Hessian", "GGN", "OPG (ipca, one pass)", "relative gap"],
     "influence_points.py": ["most helpful", "leave-one-out change"],
+    "structured_cnn.py": ["relative Frobenius error", "top eigenvalue per layer", "inverse quality"],
 }
 
 

@@ -514,9 +514,11 @@ class KFACOperator(KroneckerOperator):
         return totals
 
     def _kfac_factors(self) -> list[tuple[np.ndarray, np.ndarray]]:
-        traced = self._engine.per_batch(self._work.batch_factors)
+        """One data pass: each layer's (A, G)."""
+        if not hasattr(self, "_factor_function"):
+            self._factor_function = self._engine.per_batch(self._work.batch_factors)
         factors = []
-        for item, (A_sum, G_sum, rows) in zip(self._layers, self._pass(traced)):
+        for item, (A_sum, G_sum, rows) in zip(self._layers, self._pass(self._factor_function)):
             A = A_sum / float(rows) if item.kind != "norm" else A_sum
             factors.append((A, G_sum * self.scale))
         return factors
@@ -576,10 +578,13 @@ class EKFACOperator(KFACOperator):
             Ug = np.linalg.eigh(G)[1]
             bases.append((tf.constant(Ua, self._engine.dtype), tf.constant(Ug, self._engine.dtype)))
 
-        def batch_eigenvalues(x: Any, y: Any, seed: tf.Tensor) -> list[tf.Tensor]:
-            return self._work.batch_eigenvalues(x, y, seed, bases)
+        def batch_eigenvalues(x: Any, y: Any, seed: tf.Tensor, *bases: tf.Tensor) -> list[tf.Tensor]:
+            return self._work.batch_eigenvalues(x, y, seed, list(zip(bases[::2], bases[1::2])))
 
-        totals = self._pass(self._engine.per_batch(batch_eigenvalues))
+        # The bases are arguments, not constants: a refit after new factors reuses the trace.
+        if not hasattr(self, "_refit_function"):
+            self._refit_function = self._engine.per_batch(batch_eigenvalues)
+        totals = self._pass(self._refit_function, *[t for pair in bases for t in pair])
         blocks: list[EigenKron] = []
         position = 0
         for item, values, (Ua, Ug) in zip(self._layers, totals, bases):
