@@ -27,7 +27,7 @@ _EXPORTS = {
     "KFACOperator": "hessop.operators.kfac",
     "EKFACOperator": "hessop.operators.kfac",
     "FisherOperator": "hessop.operators.fisher",
-    "KroneckerOperator": "hessop.structured.kronecker",
+    "KroneckerOperator": "hessop.structured.factored",
     # low-rank and full-rank approximations
     "LowRankOperator": "hessop.lowrank.operators",
     "FullRankOperator": "hessop.lowrank.operators",
@@ -42,8 +42,8 @@ _EXPORTS = {
     "spectral_density": "hessop.spectral.estimators",
     "SpectralDensity": "hessop.spectral.estimators",
     "plot_spectrum": "hessop.spectral.plot",
-    "block_diagonal": "hessop.spectral.blocks",
-    "BlockDiagonalOperator": "hessop.spectral.blocks",
+    "block_diagonal": "hessop.spectral.block_diagonal",
+    "BlockDiagonalOperator": "hessop.spectral.block_diagonal",
     # statistics
     "covariance": "hessop.stats.covariance",
     "standard_errors": "hessop.stats.covariance",
@@ -69,7 +69,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from hessop.operators.jacobian import JacobianOperator
     from hessop.operators.kfac import EKFACOperator, KFACOperator
     from hessop.operators.opg import OPGOperator, per_example_gradients
-    from hessop.spectral.blocks import BlockDiagonalOperator, block_diagonal
+    from hessop.spectral.block_diagonal import BlockDiagonalOperator, block_diagonal
     from hessop.spectral.eigen import eigen, full_rank, low_rank
     from hessop.spectral.estimators import SpectralDensity, diagonal, row_sums, spectral_density, trace
     from hessop.spectral.plot import plot_spectrum
@@ -83,7 +83,7 @@ if TYPE_CHECKING:  # pragma: no cover
         summary,
     )
     from hessop.stats.laplace import Laplace
-    from hessop.structured.kronecker import KroneckerOperator
+    from hessop.structured.factored import KroneckerOperator
 
 
 def __getattr__(name: str) -> Any:

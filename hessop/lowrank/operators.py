@@ -424,7 +424,7 @@ def load(path: str | os.PathLike | BinaryIO, *, engine: str = "numba") -> Any:
     entries, where = read_archive(path)
     kind = str(entries.get("kind", ""))
     if kind.startswith("kronecker"):
-        from hessop.structured.kronecker import from_entries  # numpy only; imported here to keep the layers apart
+        from hessop.structured.factored import from_entries  # numpy only; imported here to keep the layers apart
 
         return from_entries(entries, where)
     required = {"format", "version", "kind", "Q", "eigenvalues", "tail", "dtype"}

@@ -34,7 +34,7 @@ from hessop.autodiff.data import Batches
 from hessop.autodiff.engine import Engine, output_matrix, traced_error
 from hessop.operators.base import REDUCTIONS, as_numpy_dtype
 from hessop.operators.ggn import loss_output_vectors
-from hessop.structured.kronecker import EigenKron, Kron, KroneckerOperator
+from hessop.structured.factored import EigenKron, Kron, KroneckerOperator
 
 try:
     import keras

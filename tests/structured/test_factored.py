@@ -9,7 +9,7 @@ import pytest
 from scipy.sparse.linalg import aslinearoperator
 
 import hessop
-from hessop.structured.kronecker import EigenKron, Kron, KroneckerOperator
+from hessop.structured.factored import EigenKron, Kron, KroneckerOperator
 
 
 def _spd(rng: np.random.Generator, n: int, shift: float = 0.1) -> np.ndarray:

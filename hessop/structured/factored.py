@@ -226,7 +226,7 @@ class KroneckerOperator(LinearOperator):
     Examples
     --------
     >>> import numpy as np
-    >>> from hessop.structured.kronecker import Kron, KroneckerOperator
+    >>> from hessop.structured.factored import Kron, KroneckerOperator
     >>> A, G = np.array([[2.0, 1.0], [1.0, 2.0]]), np.diag([1.0, 3.0])
     >>> K = KroneckerOperator([Kron(A, G)], [np.arange(4)], 4)
     >>> bool(np.allclose(K.to_dense(), np.kron(A, G))), K.trace()
