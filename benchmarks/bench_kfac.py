@@ -5,13 +5,20 @@ N = 2048, batch 512, float32. Baseline, in the same run: the gradient of the
 summed loss over all batches in one hand-written ``tf.function`` (a
 ``tf.while_loop`` over slices), the best a user writes. Each row times the
 data pass alone, after the operator was built once (its tracing excluded):
-KFAC's factor pass per ``fisher_type`` and EKFAC's refit pass (with the
-factors' eigendecompositions). Targets: type2 ≤ 2 gradients, mc and
-empirical ≤ 1.3, EKFAC's refit ≤ 2.
+KFAC's factor pass per ``fisher_type``, the eigendecompositions of the
+factors (numpy) and EKFAC's refit pass. Targets: type2 ≤ 2 gradients, mc
+and empirical ≤ 1.3, EKFAC's refit pass ≤ 2. On this model they are below
+the passes' multiply-adds: the gradient costs 227 k per example, A's Gram
+of the 785-wide input alone 616 k (2.7 gradients); type2 in all 4.7
+gradients, mc and empirical 3.4, EKFAC's refit 5.1 (its rotation by U_A
+costs what A's Gram does).
 
 The inverse product: MLP 784-1024-1024-10 (P = 1.86 M), ``K.inverse(δ)``
 applied to one vector, against that model's fused gradient (N = 2048).
-Target ≤ 0.2 gradients. Factor memory is Σ(d_in² + d_out²) float64 numbers.
+Target ≤ 0.2 gradients. The inverse product's cost is fixed, Σ d_in d_out (d_in + d_out)
+multiply-adds, while the gradient's grows with N (≈ 3 P N): the ratio is
+shown against the gradient at N = 2048 and 4096, where the FLOP floor is
+0.32 and 0.16. Factor memory is Σ(d_in² + d_out²) float64 numbers.
 
 With torch and curvlinops installed (the ``bench`` extra), curvlinops'
 ``KFACLinearOperator`` (type2, expand, separate bias) on the same weights and
@@ -117,7 +124,9 @@ def main() -> None:
     gradient = fused_gradient(model, loss_fn, x, y)
     fns = {"gradient, fused by hand": gradient}
     fns.update({name: op._kfac_factors for name, op in operators.items()})
-    fns["EKFAC refit (eigh + pass)"] = ekfac._kron_blocks
+    bases = ekfac._eigenbases()
+    fns["EKFAC eigendecompositions"] = ekfac._eigenbases
+    fns["EKFAC refit pass"] = lambda: ekfac._refit(bases)
     reference = curvlinops_kfac(model, x, y)
     agreement = []
     if reference is not None:
@@ -144,9 +153,13 @@ def main() -> None:
     wide = wide_mlp()
     K = hessop.KFACOperator(wide, loss_fn, (x, y), **options)
     inverses = {heuristic or "factor damping": K.inverse(1e-3, heuristic=heuristic) for heuristic in (None, "exact")}
-    v = np.random.default_rng(0).normal(size=K.shape[0]).astype(np.float32)
-    wide_gradient = fused_gradient(wide, loss_fn, x, y)
-    fns = {"gradient, fused by hand": wide_gradient, "KFAC product": lambda: K @ v}
+    v = np.random.default_rng(0).normal(size=K.shape[0]).astype(np.float32)  # float32 products for a float32 model
+    x_large, y_large = data(4096)
+    fns = {
+        "gradient, fused by hand": fused_gradient(wide, loss_fn, x, y),
+        "gradient, fused by hand, N = 4096": fused_gradient(wide, loss_fn, x_large, y_large),
+        "KFAC product": lambda: K @ v,
+    }
     fns.update({f"inverse product ({name})": (lambda inv=inv: inv @ v) for name, inv in inverses.items()})
     times = interleaved(fns, repeats=args.repeats)
     base = times["gradient, fused by hand"]["median"]
@@ -156,8 +169,12 @@ def main() -> None:
         f"\nmodel: MLP 784-1024-1024-10 tanh, N = 2048, P = {K.shape[0]:,}; kernel factors {memory / 2**20:.1f} MiB "
         f"(Σ(d_in² + d_out²) float64: {formula / 2**20:.1f} MiB)"
     )
-    rows = [(name, ms(t["median"]), ms(t["min"]), round(t["median"] / base, 3)) for name, t in times.items()]
-    print(table(["product", "median ms", "min ms", "÷ fused gradient"], rows))
+    large = times["gradient, fused by hand, N = 4096"]["median"]
+    rows = [
+        (name, ms(t["median"]), ms(t["min"]), round(t["median"] / base, 3), round(t["median"] / large, 3))
+        for name, t in times.items()
+    ]
+    print(table(["product", "median ms", "min ms", "÷ gradient, N = 2048", "÷ gradient, N = 4096"], rows))
 
 
 if __name__ == "__main__":

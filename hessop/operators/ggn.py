@@ -7,10 +7,16 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+try:
+    import keras
+except ImportError:  # pragma: no cover - keras ships with tensorflow
+    keras = None
+
 from hessop.autodiff.engine import Engine, output_matrix
+from hessop.autodiff.losses import KerasLossValues, WeightedTargets
 from hessop.operators.base import CurvatureOptions, SymmetricDataPassOperator, with_options
 
-__all__ = ["GGNOperator", "ggn", "loss_output_vectors"]
+__all__ = ["GGNOperator", "ggn", "loss_output_hessian", "loss_output_vectors"]
 
 FISHER_TYPES = ("type2", "mc", "empirical")
 
@@ -51,6 +57,57 @@ def _unflatten_outputs(flat: tf.Tensor, like: Any) -> Any:
     return tf.nest.pack_sequence_as(like, shaped)
 
 
+# Keras losses whose labels hessop samples for "mc" (exact classes; CE and BCE on logits).
+_SAMPLED_LOSSES = ("SparseCategoricalCrossentropy", "CategoricalCrossentropy", "BinaryCrossentropy", "MeanSquaredError")
+
+
+def _sampled_label_gradients(engine: Engine, y: Any, predictions: Any, samples: int, seed: tf.Tensor) -> tf.Tensor | None:
+    """(B, K, R) loss gradients at labels sampled from the model's predictive, or None where that is not known.
+
+    For a Keras softmax or sigmoid cross-entropy on logits, or a squared
+    error (a Gaussian whose variance makes E[g gᵀ] the loss's Hessian), the
+    gradients at sampled labels have the loss Hessian as covariance, with
+    no output Hessian formed. Terms a Keras loss averages (positions,
+    outputs) are scaled so the covariance matches. Any other loss, sample
+    weights or several outputs: None.
+    """
+    loss = engine.loss_fn.loss if isinstance(engine.loss_fn, KerasLossValues) else None
+    name = type(loss).__name__
+    if loss is None or name not in _SAMPLED_LOSSES or type(loss) is not getattr(keras.losses, name, None):
+        return None
+    leaves = tf.nest.flatten(predictions)
+    if isinstance(y, WeightedTargets) or len(leaves) != 1:
+        return None
+    config = loss.get_config()
+    if config.get("label_smoothing") or config.get("ignore_class") is not None or config.get("axis", -1) != -1:
+        return None
+    if name != "MeanSquaredError" and not config.get("from_logits"):
+        return None
+    f = tf.stop_gradient(tf.cast(leaves[0], engine.dtype))
+    batch = tf.shape(f)[0]
+    flat = tf.reshape(f, [batch, -1])
+    size = tf.shape(flat)[1]
+    terms = tf.cast(size, engine.dtype)
+    if name == "MeanSquaredError":
+        # ℓ = mean_k (f_k − y_k)²: labels f + √(K/2) ε give gradients −√(2/K) ε, covariance (2/K) I.
+        noise = tf.random.stateless_normal(tf.stack([batch, size, samples]), seed, dtype=engine.dtype)
+        return -tf.sqrt(2.0 / terms) * noise / np.sqrt(samples)
+    if name == "BinaryCrossentropy":
+        p = tf.sigmoid(flat)[:, :, None]
+        labels = tf.cast(
+            tf.random.stateless_uniform(tf.stack([batch, size, samples]), seed, dtype=engine.dtype) < p, engine.dtype
+        )
+        # ℓ averages K sigmoid terms: gradients (p − y)/K, covariance diag(p(1 − p))/K² · K.
+        return (p - labels) / tf.sqrt(terms) / np.sqrt(samples)
+    classes = int(f.shape[-1])
+    logits = tf.reshape(f, [-1, classes])  # (B·T, C): one categorical per position
+    labels = tf.random.stateless_categorical(logits, samples, seed)  # (B·T, R)
+    gradients = tf.nn.softmax(logits)[:, None, :] - tf.one_hot(labels, classes, dtype=engine.dtype)  # (B·T, R, C)
+    positions = terms / classes
+    gradients = tf.transpose(tf.reshape(gradients, [batch, -1, samples, classes]), [0, 1, 3, 2])  # (B, T, C, R)
+    return tf.reshape(gradients, [batch, size, samples]) / tf.sqrt(positions) / np.sqrt(samples)
+
+
 def loss_output_vectors(
     engine: Engine, x: Any, y: Any, predictions: Any, fisher_type: str, samples: int = 1, seed: tf.Tensor | None = None
 ) -> tf.Tensor:
@@ -59,9 +116,34 @@ def loss_output_vectors(
     ``"type2"``: the K columns of a square root of each example's loss
     Hessian in its K outputs (``S Sᵀ = ∇²_f ℓ``, by eigendecomposition, so
     singular Hessians such as softmax's are fine); ``"mc"``: ``samples``
-    Gaussian combinations S ε / √samples, seeded statelessly by ``seed``
-    (the same expectation); ``"empirical"``: the loss gradient ∇_f ℓ (R = 1).
+    loss gradients at labels sampled from the model's predictive for Keras
+    cross-entropies on logits and squared error (`_sampled_label_gradients`),
+    otherwise Gaussian combinations S ε; either way divided by √samples and
+    seeded statelessly by ``seed``, with the loss Hessian as expectation;
+    ``"empirical"``: the loss gradient ∇_f ℓ (R = 1).
     """
+    if fisher_type == "mc":
+        sampled = _sampled_label_gradients(engine, y, predictions, samples, seed)
+        if sampled is not None:
+            return tf.stop_gradient(sampled)
+    if fisher_type == "empirical":
+        return tf.stop_gradient(_loss_derivatives(engine, x, y, predictions, second=False)[:, :, None])
+    hessian = _loss_derivatives(engine, x, y, predictions, second=True)
+    values, vectors = tf.linalg.eigh(hessian)
+    root = vectors * tf.sqrt(tf.maximum(values, 0))[:, None, :]
+    if fisher_type == "type2":
+        return tf.stop_gradient(root)
+    noise = tf.random.stateless_normal(tf.stack([tf.shape(root)[0], tf.shape(root)[1], samples]), seed, dtype=root.dtype)
+    return tf.stop_gradient(tf.matmul(root, noise) / np.sqrt(samples))
+
+
+def loss_output_hessian(engine: Engine, x: Any, y: Any, predictions: Any) -> tf.Tensor:
+    """(B, K, K): each example's loss Hessian in its K outputs, symmetric (traced, no gradient)."""
+    return tf.stop_gradient(_loss_derivatives(engine, x, y, predictions, second=True))
+
+
+def _loss_derivatives(engine: Engine, x: Any, y: Any, predictions: Any, *, second: bool) -> tf.Tensor:
+    """The loss's gradient (B, K) or Hessian (B, K, K) in each example's outputs."""
     batch = tf.shape(tf.nest.flatten(x)[0])[0]
     fixed = tf.stop_gradient(output_matrix(predictions, batch))
     with tf.GradientTape() as outer:
@@ -70,15 +152,10 @@ def loss_output_vectors(
             inner.watch(fixed)
             loss = tf.reduce_sum(engine.per_example_loss(x, y, _unflatten_outputs(fixed, predictions), strict=True))
         gradient = inner.gradient(loss, fixed, unconnected_gradients=_ZERO)
-    if fisher_type == "empirical":
-        return tf.stop_gradient(gradient[:, :, None])
-    hessian = outer.batch_jacobian(gradient, fixed, unconnected_gradients=_ZERO)  # (B, K, K)
-    values, vectors = tf.linalg.eigh((hessian + tf.linalg.matrix_transpose(hessian)) / 2)
-    root = vectors * tf.sqrt(tf.maximum(values, 0))[:, None, :]
-    if fisher_type == "type2":
-        return tf.stop_gradient(root)
-    noise = tf.random.stateless_normal(tf.stack([batch, tf.shape(fixed)[1], samples]), seed, dtype=root.dtype)
-    return tf.stop_gradient(tf.matmul(root, noise) / np.sqrt(samples))
+    if not second:
+        return gradient
+    hessian = outer.batch_jacobian(gradient, fixed, unconnected_gradients=_ZERO)
+    return (hessian + tf.linalg.matrix_transpose(hessian)) / 2
 
 
 def diagonal_by_backprop(engine: Engine, x: Any, y: Any, seed: tf.Tensor, fisher_type: str, samples: int) -> tf.Tensor:

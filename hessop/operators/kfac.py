@@ -16,7 +16,10 @@ How the layers are read: while the per-batch function traces, each covered
 layer's ``call`` is wrapped (an attribute of that layer object, restored at
 once) to record its input and its pre-activation output z; one tape then
 differentiates the model outputs with respect to every z at once (a
-vectorised Jacobian over the R columns). No weight gradient is formed.
+vectorised Jacobian over the R columns). No weight gradient is formed. For
+``"type2"`` the columns are those of the output Jacobian itself, and
+:math:`\sum_c g_c g_c^\top = J_z^\top H J_z` with each example's loss
+Hessian H: no square root is taken.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from hessop._validation import check_positive_int
 from hessop.autodiff.data import Batches
 from hessop.autodiff.engine import Engine, output_matrix, traced_error
 from hessop.operators.base import REDUCTIONS, as_numpy_dtype
-from hessop.operators.ggn import loss_output_vectors
+from hessop.operators.ggn import loss_output_hessian, loss_output_vectors
 from hessop.structured.factored import EigenKron, Kron, KroneckerOperator
 
 try:
@@ -45,6 +48,7 @@ __all__ = ["EKFACOperator", "KFACOperator"]
 
 FISHER_TYPES = ("type2", "mc", "empirical")
 KFAC_APPROXIMATIONS = ("expand", "reduce")
+_UNROLLED = 32
 _ZERO = tf.UnconnectedGradients.ZERO
 
 
@@ -243,17 +247,31 @@ class _Factors:
         self.fisher_type, self.mc_samples, self.approx = fisher_type, mc_samples, approx
 
     # -- traced pieces -------------------------------------------------------------
-    def _backpropagate(self, x: Any, y: Any, seed: tf.Tensor) -> list[tuple[tf.Tensor, tf.Tensor, Any]]:
-        """Per layer: its input a, the R output-gradient columns g (R, B, ..., d_out), and x̂ for norms."""
+    def _backpropagate(self, x: Any, y: Any, seed: tf.Tensor) -> tuple[list[tuple[tf.Tensor, tf.Tensor, Any]], Any]:
+        """Per layer: its input a, the R output-gradient columns g (R, B, ..., d_out) and x̂ for norms; and weights.
+
+        For ``"type2"`` the columns are the output Jacobian's (R = K) and the
+        weights each example's loss Hessian H (B, K, K): Σ_c g_c g_cᵀ over a
+        square root's columns is gᵀ H g, with no eigendecomposition. For
+        ``"mc"`` and ``"empirical"`` the columns already carry the loss, and
+        the weights are None.
+        """
         engine = self.engine
         records: dict[str, list[Any]] = {}
-        with tf.GradientTape() as tape:
+        with tf.GradientTape(persistent=True) as tape:
             with _recording(self.layers, records):
                 predictions = engine.call_model(x)
             flat = output_matrix(predictions, tf.shape(tf.nest.flatten(x)[0])[0])
             with tape.stop_recording():
-                vectors = loss_output_vectors(self.engine, x, y, predictions, self.fisher_type, self.mc_samples, seed)
-            target = tf.einsum("bk,bkr->r", flat, vectors)
+                if self.fisher_type == "type2":
+                    weights = loss_output_hessian(engine, x, y, predictions)
+                else:
+                    weights = None
+                    vectors = loss_output_vectors(engine, x, y, predictions, self.fisher_type, self.mc_samples, seed)
+            # Examples are independent: one backward pass per column serves the whole batch.
+            target = tf.reduce_sum(flat, axis=0) if weights is not None else tf.einsum("bk,bkr->r", flat, vectors)
+            if target.shape[0] is not None and target.shape[0] <= _UNROLLED:
+                target = tf.unstack(target)  # sliced on the tape, so each entry can be differentiated
         for item in self.layers:
             calls = records[item.name]
             if len(calls) != 1:
@@ -263,8 +281,9 @@ class _Factors:
                 )
                 raise traced_error(ValueError, msg)
         zs = [records[item.name][0][1] for item in self.layers]
-        columns = tape.jacobian(target, zs, unconnected_gradients=_ZERO)
-        return [(records[item.name][0][0], g, records[item.name][0][2]) for item, g in zip(self.layers, columns)]
+        columns = _columns(tape, target, zs)
+        layers = [(records[item.name][0][0], g, records[item.name][0][2]) for item, g in zip(self.layers, columns)]
+        return layers, weights
 
     def _layer_inputs(self, item: _Layer, a: Any) -> tf.Tensor:
         """The rows a of A, (B, positions…, d_in): patches for Conv2D, with a column of ones for a joint bias."""
@@ -286,85 +305,111 @@ class _Factors:
     def batch_factors(self, x: Any, y: Any, seed: tf.Tensor) -> list[tuple[tf.Tensor, tf.Tensor, tf.Tensor]]:
         """Per layer ``(ΣaaT, ΣggT, rows)`` on one batch (traced); A is a vector for an Embedding."""
         out = []
-        for item, (a, g, xhat) in zip(self.layers, self._backpropagate(x, y, seed)):
-            d_out = g.shape[-1]
+        layers, weights = self._backpropagate(x, y, seed)
+
+        def gram(g: tf.Tensor) -> tf.Tensor:
+            """Σ over columns, examples and positions of g gᵀ (or gᵀ H g), g of shape (R, B, …, d)."""
+            rows = tf.reshape(g, [-1, g.shape[-1]])
+            return tf.matmul(rows, tf.reshape(_weighted(g, weights), [-1, g.shape[-1]]), transpose_a=True)
+
+        for item, (a, g, xhat) in zip(self.layers, layers):
             if item.kind == "norm":
-                rows = self._norm_rows(item, g, xhat)
-                out.append((tf.ones([1, 1], g.dtype), tf.matmul(rows, rows, transpose_a=True), tf.ones([], g.dtype)))
+                out.append((tf.ones([1, 1], g.dtype), gram(self._norm_rows(item, g, xhat)), tf.ones([], g.dtype)))
                 continue
             if item.kind == "embedding":
                 tokens = tf.reshape(tf.cast(a, tf.int32), [-1])
                 vocab = item.blocks[0][2][0]
                 counts = tf.math.bincount(tokens, minlength=vocab, maxlength=vocab, dtype=g.dtype)
-                g_rows = tf.reshape(g, [-1, d_out])
-                out.append((counts, tf.matmul(g_rows, g_rows, transpose_a=True), tf.cast(tf.size(tokens), g.dtype)))
+                out.append((counts, gram(g), tf.cast(tf.size(tokens), g.dtype)))
                 continue
             a = self._layer_inputs(item, a)
             if self.approx == "reduce":
                 a, g = _positions_mean(a), _positions_sum(g, 2)
             a_rows = tf.reshape(a, [-1, a.shape[-1]])
-            g_rows = tf.reshape(g, [-1, d_out])
-            out.append(
-                (
-                    tf.matmul(a_rows, a_rows, transpose_a=True),
-                    tf.matmul(g_rows, g_rows, transpose_a=True),
-                    tf.cast(tf.shape(a_rows)[0], g.dtype),
-                )
-            )
+            out.append((tf.matmul(a_rows, a_rows, transpose_a=True), gram(g), tf.cast(tf.shape(a_rows)[0], g.dtype)))
         return out
 
     def _norm_rows(self, item: _Layer, g: tf.Tensor, xhat: Any) -> tf.Tensor:
-        """(R·B, k): the exact per-example, per-column gradients of a normalisation's γ and β."""
+        """(R, B, k): the exact per-example, per-column gradients of a normalisation's γ and β."""
         pieces = []
         if "gamma" in item.variables:
             pieces.append(_positions_sum(g * tf.cast(xhat, g.dtype)[None], 2))
         if "beta" in item.variables:
             pieces.append(_positions_sum(g, 2))
-        rows = tf.concat(pieces, axis=-1)
-        return tf.reshape(rows, [-1, rows.shape[-1]])
+        return tf.concat(pieces, axis=-1)
 
     def batch_eigenvalues(self, x: Any, y: Any, seed: tf.Tensor, bases: list[Any]) -> list[list[tf.Tensor]]:
         """Per layer and block: Σ of the squared per-example gradients in the KFAC eigenbasis (traced)."""
         out = []
-        for item, (a, g, _), (Ua, Ug) in zip(self.layers, self._backpropagate(x, y, seed), bases):
+        layers, weights = self._backpropagate(x, y, seed)
+        for item, (a, g, _), (Ua, Ug) in zip(self.layers, layers, bases):
             if item.kind == "norm":
                 out.append([tf.zeros([1, 1], g.dtype)])  # exact blocks need no refit
                 continue
             g_rot = tf.tensordot(g, Ug, axes=[[g.shape.rank - 1], [0]])  # (R, B, pos…, g)
             if item.kind == "embedding":
-                out.append([self._embedding_eigenvalues(item, a, g_rot)])
+                out.append([self._embedding_eigenvalues(item, a, g_rot, weights)])
                 continue
             values = []
             for role, _, _ in item.blocks:
                 if role == "bias":  # its per-example gradient is g summed over positions
-                    values.append(tf.reduce_sum(_positions_sum(g_rot, 2) ** 2, axis=[0, 1])[None])
+                    u = _positions_sum(g_rot, 2)
+                    values.append(tf.reduce_sum(u * _weighted(u, weights), axis=[0, 1])[None])
                 else:
-                    values.append(self._kernel_eigenvalues(item, a, g_rot, Ua))
+                    values.append(self._kernel_eigenvalues(item, a, g_rot, Ua, weights))
             out.append(values)
         return out
 
-    def _kernel_eigenvalues(self, item: _Layer, a: Any, g_rot: tf.Tensor, Ua: tf.Tensor) -> tf.Tensor:
+    def _kernel_eigenvalues(self, item: _Layer, a: Any, g_rot: tf.Tensor, Ua: tf.Tensor, weights: Any) -> tf.Tensor:
         a = self._layer_inputs(item, a)
         if self.approx == "reduce":
             a, g_rot = _positions_mean(a), _positions_sum(g_rot, 2)
         a_rot = tf.tensordot(a, Ua, axes=[[a.shape.rank - 1], [0]])  # (B, pos…, a)
         if a_rot.shape.rank == 2:  # one row per example: the squares factor
-            return tf.einsum("ba,rbg->ag", a_rot**2, g_rot**2)
+            return tf.einsum("ba,bg->ag", a_rot**2, tf.reduce_sum(g_rot * _weighted(g_rot, weights), axis=0))
         a_rot = tf.reshape(a_rot, [tf.shape(a_rot)[0], -1, a_rot.shape[-1]])
         g_rot = tf.reshape(g_rot, [tf.shape(g_rot)[0], tf.shape(g_rot)[1], -1, g_rot.shape[-1]])
         per_example = tf.einsum("bta,rbtg->rbag", a_rot, g_rot)
-        return tf.reduce_sum(per_example**2, axis=[0, 1])
+        return tf.reduce_sum(per_example * _weighted(per_example, weights), axis=[0, 1])
 
-    def _embedding_eigenvalues(self, item: _Layer, tokens: Any, g_rot: tf.Tensor) -> tf.Tensor:
+    def _embedding_eigenvalues(self, item: _Layer, tokens: Any, g_rot: tf.Tensor, weights: Any) -> tf.Tensor:
         vocab, dim = item.blocks[0][2]
         tokens = tf.cast(tokens, tf.int64)
         batch = tf.shape(tokens, out_type=tf.int64)[0]
         example = tf.broadcast_to(tf.reshape(tf.range(batch), [-1] + [1] * (tokens.shape.rank - 1)), tf.shape(tokens))
         pairs, segment = tf.unique(tf.reshape(example * vocab + tokens, [-1]))
         rows = tf.reshape(g_rot, [tf.shape(g_rot)[0], -1, dim])  # (R, B·T, dim)
-        sums = tf.vectorized_map(lambda r: tf.math.unsorted_segment_sum(r, segment, tf.size(pairs)), rows)
-        squares = tf.reduce_sum(sums**2, axis=0)  # (pairs, dim)
+        # Per (example, token) pair: the per-example gradient's row of that token.
+        sums = tf.vectorized_map(lambda r: tf.math.unsorted_segment_sum(r, segment, tf.size(pairs)), rows)  # (R, pairs, dim)
+        if weights is None:
+            squares = tf.reduce_sum(sums**2, axis=0)
+        else:
+            pair_weights = tf.gather(weights, pairs // vocab)  # (pairs, R, R)
+            squares = tf.reduce_sum(sums * tf.einsum("prs,spd->rpd", pair_weights, sums), axis=0)
         return tf.math.unsorted_segment_sum(squares, tf.cast(pairs % vocab, tf.int32), vocab)
+
+
+def _columns(tape: tf.GradientTape, target: Any, zs: list[tf.Tensor]) -> list[tf.Tensor]:
+    """The gradients of each entry of ``target`` with respect to ``zs``, stacked: (R, *z.shape) per z.
+
+    ``target`` is a 1-D tensor, or up to ``_UNROLLED`` scalars unstacked on
+    the tape: one backward pass each in the same graph, 6x faster than
+    ``tape.jacobian``'s vectorisation at R = 10 on an MLP.
+    """
+    if not isinstance(target, list):
+        return tape.jacobian(target, zs, unconnected_gradients=_ZERO)
+    per_column = [tape.gradient(entry, zs, unconnected_gradients=_ZERO) for entry in target]
+    return [tf.stack(column) for column in zip(*per_column)]
+
+
+def _weighted(t: tf.Tensor, weights: Any) -> tf.Tensor:
+    """H t over the column axis, per example: t of shape (R, B, …), H (B, R, R); t itself without weights."""
+    if weights is None:
+        return t
+    # A batched matmul: einsum's "brs,sb...->rb..." was 10x slower on CPU.
+    columns = tf.transpose(tf.reshape(t, [tf.shape(t)[0], tf.shape(t)[1], -1]), [1, 0, 2])  # (B, R, rest)
+    product = tf.matmul(tf.cast(weights, t.dtype), columns)
+    return tf.reshape(tf.transpose(product, [1, 0, 2]), tf.shape(t))
 
 
 def _check_options(fisher_type: str, mc_samples: int, kfac_approx: str, reduction: str, seed: Any) -> int:
@@ -567,24 +612,33 @@ class EKFACOperator(KFACOperator):
     (2, True)
     """
 
-    def _kron_blocks(self) -> tuple[list[EigenKron], list[np.ndarray], list[str]]:
-        kron, indices, names = super()._kron_blocks()
+    def _eigenbases(self) -> list[tuple[np.ndarray | None, np.ndarray | None]]:
+        """Per layer, the eigenvectors of A (None for an Embedding's diagonal A) and of G; (None, None) for norms."""
         bases = []
         for item, (A, G) in zip(self._layers, self.factors):
             if item.kind == "norm":
-                bases.append((tf.zeros([1, 1], self._engine.dtype), tf.zeros([1, 1], self._engine.dtype)))
-                continue
-            Ua = np.eye(1) if item.kind == "embedding" else np.linalg.eigh(A)[1]
-            Ug = np.linalg.eigh(G)[1]
-            bases.append((tf.constant(Ua, self._engine.dtype), tf.constant(Ug, self._engine.dtype)))
+                bases.append((None, None))
+            else:
+                bases.append((None if item.kind == "embedding" else np.linalg.eigh(A)[1], np.linalg.eigh(G)[1]))
+        return bases
 
-        def batch_eigenvalues(x: Any, y: Any, seed: tf.Tensor, *bases: tf.Tensor) -> list[tf.Tensor]:
-            return self._work.batch_eigenvalues(x, y, seed, list(zip(bases[::2], bases[1::2])))
+    def _refit(self, bases: list[tuple[np.ndarray | None, np.ndarray | None]]) -> list[list[np.ndarray]]:
+        """The second data pass: per layer and block, Σ of squared rotated per-example gradients (unscaled)."""
+
+        def batch_eigenvalues(x: Any, y: Any, seed: tf.Tensor, *flat_bases: tf.Tensor) -> list[list[tf.Tensor]]:
+            return self._work.batch_eigenvalues(x, y, seed, list(zip(flat_bases[::2], flat_bases[1::2])))
 
         # The bases are arguments, not constants: a refit after new factors reuses the trace.
         if not hasattr(self, "_refit_function"):
             self._refit_function = self._engine.per_batch(batch_eigenvalues)
-        totals = self._pass(self._refit_function, *[t for pair in bases for t in pair])
+        placeholder = np.eye(1)
+        tensors = [tf.constant(placeholder if basis is None else basis, self._engine.dtype) for pair in bases for basis in pair]
+        return self._pass(self._refit_function, *tensors)
+
+    def _kron_blocks(self) -> tuple[list[EigenKron], list[np.ndarray], list[str]]:
+        kron, indices, names = super()._kron_blocks()
+        bases = self._eigenbases()
+        totals = self._refit(bases)
         blocks: list[EigenKron] = []
         position = 0
         for item, values, (Ua, Ug) in zip(self._layers, totals, bases):
@@ -593,8 +647,7 @@ class EKFACOperator(KFACOperator):
             if item.kind == "norm":
                 blocks.extend(block.eigen() for block in layer_blocks)
                 continue
-            Ug_np = Ug.numpy().astype(np.float64)
             for (role, _, _), refit in zip(item.blocks, values):
-                Ua_np = None if item.kind == "embedding" else np.ones((1, 1)) if role == "bias" else Ua.numpy().astype(np.float64)
-                blocks.append(EigenKron(Ua_np, Ug_np, refit * self.scale))
+                left = np.ones((1, 1)) if role == "bias" else Ua
+                blocks.append(EigenKron(left, Ug, refit * self.scale))
         return blocks, indices, names
