@@ -53,6 +53,9 @@ _EXPORTS = {
     "CovarianceOperator": "hessop.stats.covariance",
     "NotPositiveDefiniteError": "hessop.stats.covariance",
     "Laplace": "hessop.stats.laplace",
+    "influence_scores": "hessop.stats.influence",
+    "InfluenceScores": "hessop.stats.influence",
+    "RegressionPredictive": "hessop.stats.laplace",
     # parameter layout
     "flatten": "hessop.autodiff.params",
     "unflatten": "hessop.autodiff.params",
@@ -82,7 +85,8 @@ if TYPE_CHECKING:  # pragma: no cover
         standard_errors,
         summary,
     )
-    from hessop.stats.laplace import Laplace
+    from hessop.stats.influence import InfluenceScores, influence_scores
+    from hessop.stats.laplace import Laplace, RegressionPredictive
     from hessop.structured.factored import KroneckerOperator
 
 

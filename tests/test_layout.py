@@ -24,7 +24,7 @@ ALLOWED = {
     "lowrank": {"lowrank", "dense", "_shared"},
     "structured": {"structured", "lowrank", "dense", "_shared"},
     "spectral": {"spectral", "dense", "_shared"},
-    "stats": {"stats", "spectral", "lowrank", "dense", "_shared"},
+    "stats": {"stats", "spectral", "structured", "lowrank", "dense", "_shared"},
 }
 NUMPY_ONLY = ("lowrank", "structured", "spectral", "stats")
 

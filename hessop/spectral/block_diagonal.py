@@ -33,6 +33,11 @@ def _groups_from_variables(op: Any, blocks: str) -> tuple[list[str], list[np.nda
             "pass blocks as a list of flat index arrays."
         )
         raise TypeError(msg)
+    return variable_groups(params, blocks)
+
+
+def variable_groups(params: Sequence[Any], blocks: str = "layer") -> tuple[list[str], list[np.ndarray]]:
+    """Names and flat index arrays of ``params`` grouped by layer (``"layer"``) or one per variable."""
     names, indices, start = [], [], 0
     for variable in params:
         size = int(np.prod(tuple(variable.shape), dtype=np.int64))
