@@ -75,10 +75,9 @@ def fused_gradient(model: keras.Model, loss_fn, x: np.ndarray, y: np.ndarray):
     return whole
 
 
-def curvlinops_kfac(model: keras.Model, x: np.ndarray, y: np.ndarray):
-    """curvlinops' KFAC (type2) on a torch copy of ``model``, or None without torch/curvlinops."""
+def torch_copy(model: keras.Model):
+    """A torch copy of a Dense-tanh MLP (tanh between layers), or None without torch."""
     try:
-        import curvlinops
         import torch
     except ImportError:
         return None
@@ -93,7 +92,17 @@ def curvlinops_kfac(model: keras.Model, x: np.ndarray, y: np.ndarray):
         layers.append(linear)
         if i < len(dense_layers) - 1:
             layers.append(torch.nn.Tanh())
-    net = torch.nn.Sequential(*layers)
+    return torch.nn.Sequential(*layers)
+
+
+def curvlinops_kfac(model: keras.Model, x: np.ndarray, y: np.ndarray):
+    """curvlinops' KFAC (type2) on a torch copy of ``model``, or None without torch/curvlinops."""
+    try:
+        import curvlinops
+        import torch
+    except ImportError:
+        return None
+    net = torch_copy(model)
     batches = [(torch.from_numpy(x[i : i + BATCH]), torch.from_numpy(y[i : i + BATCH]).long()) for i in range(0, len(x), BATCH)]
     return curvlinops.KFACLinearOperator(
         net,

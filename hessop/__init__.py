@@ -56,6 +56,9 @@ _EXPORTS = {
     "influence_scores": "hessop.stats.influence",
     "InfluenceScores": "hessop.stats.influence",
     "RegressionPredictive": "hessop.stats.laplace",
+    # training
+    "EvidenceCallback": "hessop.training.callbacks",
+    "PriorRegularizer": "hessop.training.callbacks",
     # parameter layout
     "flatten": "hessop.autodiff.params",
     "unflatten": "hessop.autodiff.params",
@@ -88,6 +91,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from hessop.stats.influence import InfluenceScores, influence_scores
     from hessop.stats.laplace import Laplace, RegressionPredictive
     from hessop.structured.factored import KroneckerOperator
+    from hessop.training.callbacks import EvidenceCallback, PriorRegularizer
 
 
 def __getattr__(name: str) -> Any:

@@ -19,6 +19,9 @@ EXPECTED = {
     "opg_ggn_hessian.py": ["Hessian", "GGN", "OPG (ipca, one pass)", "relative gap"],
     "influence_points.py": ["most helpful", "leave-one-out change"],
     "structured_cnn.py": ["relative Frobenius error", "top eigenvalue per layer", "inverse quality"],
+    "laplace_cnn.py": ["last layer: P = 330", "prior precision by validation NLL", "LA evidence τ, noisy", "laplace_cnn.png"],
+    "influence_images.py": ["most helpful training labels", "EK-FAC", "gradient products", "influence_images.png"],
+    "evidence_training.py": ["prior precision τ", "τ tuned by the evidence", "evidence_training.png"],
 }
 
 

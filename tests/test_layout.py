@@ -25,6 +25,7 @@ ALLOWED = {
     "structured": {"structured", "lowrank", "dense", "_shared"},
     "spectral": {"spectral", "dense", "_shared"},
     "stats": {"stats", "spectral", "structured", "lowrank", "dense", "_shared"},
+    "training": {"training", "stats", "_shared"},
 }
 NUMPY_ONLY = ("lowrank", "structured", "spectral", "stats")
 

@@ -247,14 +247,17 @@ class _Factors:
         self.fisher_type, self.mc_samples, self.approx = fisher_type, mc_samples, approx
 
     # -- traced pieces -------------------------------------------------------------
-    def _backpropagate(self, x: Any, y: Any, seed: tf.Tensor) -> tuple[list[tuple[tf.Tensor, tf.Tensor, Any]], Any]:
+    def _backpropagate(
+        self, x: Any, y: Any, seed: tf.Tensor | None, outputs_only: bool = False
+    ) -> tuple[list[tuple[tf.Tensor, tf.Tensor, Any]], Any]:
         """Per layer: its input a, the R output-gradient columns g (R, B, ..., d_out) and x̂ for norms; and weights.
 
         For ``"type2"`` the columns are the output Jacobian's (R = K) and the
         weights each example's loss Hessian H (B, K, K): Σ_c g_c g_cᵀ over a
         square root's columns is gᵀ H g, with no eigendecomposition. For
         ``"mc"`` and ``"empirical"`` the columns already carry the loss, and
-        the weights are None.
+        the weights are None. ``outputs_only``: the output Jacobian's columns
+        without a loss (y unused), weights None.
         """
         engine = self.engine
         records: dict[str, list[Any]] = {}
@@ -263,13 +266,18 @@ class _Factors:
                 predictions = engine.call_model(x)
             flat = output_matrix(predictions, tf.shape(tf.nest.flatten(x)[0])[0])
             with tape.stop_recording():
-                if self.fisher_type == "type2":
+                if outputs_only:
+                    weights = None
+                elif self.fisher_type == "type2":
                     weights = loss_output_hessian(engine, x, y, predictions)
                 else:
                     weights = None
                     vectors = loss_output_vectors(engine, x, y, predictions, self.fisher_type, self.mc_samples, seed)
             # Examples are independent: one backward pass per column serves the whole batch.
-            target = tf.reduce_sum(flat, axis=0) if weights is not None else tf.einsum("bk,bkr->r", flat, vectors)
+            if weights is not None or outputs_only:
+                target = tf.reduce_sum(flat, axis=0)
+            else:
+                target = tf.einsum("bk,bkr->r", flat, vectors)
             if target.shape[0] is not None and target.shape[0] <= _UNROLLED:
                 target = tf.unstack(target)  # sliced on the tape, so each entry can be differentiated
         for item in self.layers:
@@ -359,6 +367,53 @@ class _Factors:
                     values.append(self._kernel_eigenvalues(item, a, g_rot, Ua, weights))
             out.append(values)
         return out
+
+    def batch_output_covariance(
+        self, x: Any, blocks: list[list[tuple[tf.Tensor, tf.Tensor, tf.Tensor]]], shared: list[list[bool]]
+    ) -> tf.Tensor:
+        """(B, K, K): J_f Σ J_fᵀ per example for Σ block-diagonal, each block (U_A ⊗ U_G) diag(v) (U_A ⊗ U_G)ᵀ (traced).
+
+        Per layer and example, the rotated gradient of output k is
+        M_k = Σ_t (U_Aᵀ a_t)(U_Gᵀ g_kt)ᵀ over its positions t, and its share
+        of the covariance Σ_ij M_k,ij M_l,ij v_ij: no Jacobian row of P
+        numbers is formed. With one position, (ã²)ᵀ v is taken first.
+        ``shared[l][i]``: block i of layer l has the same U_G as the block
+        before it (a kernel and its bias), so the rotation is reused.
+        """
+        layers, _ = self._backpropagate(x, None, None, outputs_only=True)
+        total = None
+
+        def weighted_gram(u: tf.Tensor, weights: tf.Tensor) -> tf.Tensor:
+            """Σ_j u_kbj u_lbj w_(b)j as (B, K, K): u (K, B, J), weights (J,) or (B, J)."""
+            u = tf.transpose(u, [1, 0, 2])
+            scaled = u * (weights[:, None, :] if weights.shape.rank == 2 else weights)
+            return tf.matmul(scaled, u, transpose_b=True)
+
+        for item, (a, g, xhat), layer_blocks, layer_shared in zip(self.layers, layers, blocks, shared):
+            if item.kind == "norm":
+                _, Ug, v = layer_blocks[0]
+                terms = [weighted_gram(tf.tensordot(self._norm_rows(item, g, xhat), Ug, axes=1), v[0])]
+            else:
+                terms, g_rot = [], None
+                for (role, _, _), (Ua, Ug, v), reuse in zip(item.blocks, layer_blocks, layer_shared):
+                    if not reuse:
+                        g_rot = tf.tensordot(g, Ug, axes=[[g.shape.rank - 1], [0]])  # (K, B, pos…, d_out)
+                    if role == "bias":
+                        terms.append(weighted_gram(_positions_sum(g_rot, 2), v[0]))
+                        continue
+                    inputs = self._layer_inputs(item, a)
+                    a_rot = tf.tensordot(inputs, Ua, axes=[[inputs.shape.rank - 1], [0]])
+                    if a_rot.shape.rank == 2:
+                        terms.append(weighted_gram(g_rot, tf.matmul(a_rot**2, v)))
+                        continue
+                    a_rot = tf.reshape(a_rot, [tf.shape(a_rot)[0], -1, a_rot.shape[-1]])
+                    g_flat = tf.reshape(g_rot, [tf.shape(g_rot)[0], tf.shape(g_rot)[1], -1, g_rot.shape[-1]])
+                    rotated = tf.einsum("bta,kbtg->kbag", a_rot, g_flat)
+                    rotated = tf.reshape(rotated, [tf.shape(rotated)[0], tf.shape(rotated)[1], -1])
+                    terms.append(weighted_gram(rotated, tf.reshape(v, [-1])))
+            layer_total = tf.add_n(terms)
+            total = layer_total if total is None else total + layer_total
+        return total
 
     def _kernel_eigenvalues(self, item: _Layer, a: Any, g_rot: tf.Tensor, Ua: tf.Tensor, weights: Any) -> tf.Tensor:
         a = self._layer_inputs(item, a)
@@ -567,6 +622,54 @@ class KFACOperator(KroneckerOperator):
             A = A_sum / float(rows) if item.kind != "norm" else A_sum
             factors.append((A, G_sum * self.scale))
         return factors
+
+    def output_covariance(self, x: Any, cov: KroneckerOperator, *, batch_size: int = 256) -> np.ndarray:
+        r""":math:`J_f(x)\,\Sigma\,J_f(x)^\top` per example, (N, K, K), for Σ with this operator's block layout.
+
+        ``cov`` is a `KroneckerOperator` over the same blocks, each in
+        eigen-form (U_A ⊗ U_G) diag(v) (U_A ⊗ U_G)ᵀ, as a Laplace
+        posterior's covariance or ``self.inverse(δ, heuristic="exact")`` is.
+        Per layer, the output gradients are rotated into the blocks' bases:
+        no Jacobian row of P numbers is formed, so it reaches millions of
+        parameters. Layers with a diagonal input factor (Embedding) are refused.
+        """
+        batch_size = check_positive_int(batch_size, "batch_size")
+        if not isinstance(cov, KroneckerOperator) or cov.shape != self.shape or len(cov.blocks) != len(self.blocks):
+            msg = f"cov: expected a KroneckerOperator with this operator's {len(self.blocks)} blocks, got {cov!r}."
+            raise ValueError(msg)
+        tensors, counts, shared, position = [], [], [], 0
+        cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        for item in self._layers:
+            previous = None
+            shared.append([])
+            for block in cov.blocks[position : position + len(item.blocks)]:
+                eigen = block.eigen(cache)
+                if eigen.Ua is None:
+                    msg = f"cov: layer {item.name!r} has a diagonal input factor (an Embedding); no factored predictive."
+                    raise ValueError(msg)
+                shared[-1].append(previous is not None and np.array_equal(previous, eigen.Ug))
+                previous = eigen.Ug
+                tensors += [tf.constant(t, self._engine.dtype) for t in (eigen.Ua, eigen.Ug, eigen.values)]
+            counts.append(len(item.blocks))
+            position += len(item.blocks)
+        starts = np.cumsum([0, *counts])
+        key = tuple(tuple(layer) for layer in shared)
+
+        def batch_covariance(x: Any, y: Any, seed: tf.Tensor, *flat: tf.Tensor) -> tf.Tensor:
+            triples = [tuple(flat[i : i + 3]) for i in range(0, len(flat), 3)]
+            per_layer = [triples[a:b] for a, b in zip(starts[:-1], starts[1:])]
+            return self._work.batch_output_covariance(x, per_layer, [list(layer) for layer in key])
+
+        # The blocks are arguments, not constants: a new covariance with the same sharing reuses the trace.
+        functions = self.__dict__.setdefault("_covariance_functions", {})
+        if key not in functions:
+            functions[key] = self._engine.per_batch(batch_covariance)
+        seed = tf.constant([0, 0], dtype=tf.int64)
+        parts = [
+            np.asarray(functions[key](x_batch, None, seed, *tensors), dtype=np.float64)
+            for x_batch, _ in Batches((x, None), batch_size)
+        ]
+        return np.concatenate(parts, axis=0)
 
     def _kron_blocks(self) -> tuple[list[Kron], list[np.ndarray], list[str]]:
         blocks, indices, names = [], [], []

@@ -95,8 +95,8 @@ class _Structure:
         """The smallest eigenvalue of C."""
         raise NotImplementedError
 
-    def logdet(self, scale: float, tau: np.ndarray) -> tuple[float, float, np.ndarray]:
-        """log det Λ, its derivative in s, and in each group's τ."""
+    def logdet(self, scale: float, tau: np.ndarray, derivatives: bool = True) -> tuple[float, float, np.ndarray]:
+        """log det Λ, its derivative in s, and in each group's τ (NaN unless ``derivatives``)."""
         raise NotImplementedError
 
     def operator(self, scale: float, tau: np.ndarray, power: float) -> LinearOperator:
@@ -142,9 +142,12 @@ class EigenStructure(_Structure):
         vectors, values = self._cache[1]
         return vectors, values, None
 
-    def logdet(self, scale: float, tau: np.ndarray) -> tuple[float, float, np.ndarray]:
+    def logdet(self, scale: float, tau: np.ndarray, derivatives: bool = True) -> tuple[float, float, np.ndarray]:
         vectors, values, tail = self._eigen(scale, tau)
         logdet = float(np.sum(np.log(values)))
+        if not derivatives:
+            extra = 0.0 if tail is None else (self.num_params - self.rank) * np.log(tail)
+            return logdet + extra, np.nan, np.full(len(self.groups), np.nan)
         inverse_diagonal = (vectors**2) @ (1.0 / values)
         if tail is not None:
             logdet += (self.num_params - self.rank) * np.log(tail)
@@ -166,11 +169,14 @@ class EigenStructure(_Structure):
 class KronStructure(_Structure):
     """C a `KroneckerOperator`: each block (U_A ⊗ U_G) diag(λ) (U_A ⊗ U_G)ᵀ, τ constant on it or dense."""
 
-    def __init__(self, curvature: KroneckerOperator, groups: Sequence[np.ndarray]) -> None:
+    def __init__(self, curvature: KroneckerOperator, groups: Sequence[np.ndarray], round_off_dtype: Any = None) -> None:
         self.curvature = curvature
         self.num_params = curvature.shape[0]
         self.groups = [np.asarray(g) for g in groups]
-        self.eigen = [block.eigen() for block in curvature.blocks]
+        cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self.eigen = [block.eigen(cache) for block in curvature.blocks]
+        if round_off_dtype is not None:  # PSD factors: their eigendecompositions' round-off is not indefiniteness
+            self.eigen = [EigenKron(e.Ua, e.Ug, clip_round_off(e.values, round_off_dtype)) for e in self.eigen]
         owner = np.empty(self.num_params, dtype=np.int64)
         for number, group in enumerate(self.groups):
             owner[group] = number
@@ -199,16 +205,20 @@ class KronStructure(_Structure):
             out.append((EigenKron(np.ones((1, 1)), vectors, values[None, :]), vectors.T @ dense @ vectors))
         return out
 
-    def logdet(self, scale: float, tau: np.ndarray) -> tuple[float, float, np.ndarray]:
+    def logdet(self, scale: float, tau: np.ndarray, derivatives: bool = True) -> tuple[float, float, np.ndarray]:
         logdet, d_scale, d_tau = 0.0, 0.0, np.zeros(len(self.groups))
         for (block, rotated), eigen, owners in zip(self._blocks(scale, tau), self.eigen, self._owners):
             logdet += float(np.sum(np.log(block.values)))
+            if not derivatives:
+                continue
             inverse = EigenKron(block.Ua, block.Ug, 1.0 / block.values)
             if rotated is None:
                 d_scale += float(np.sum(eigen.values / block.values))
             else:
                 d_scale += float(np.sum(np.diag(rotated) / block.values.ravel()))
-            np.add.at(d_tau, owners, inverse.diagonal())
+            d_tau += np.bincount(owners, weights=inverse.diagonal(), minlength=d_tau.size)
+        if not derivatives:
+            return logdet, np.nan, np.full(len(self.groups), np.nan)
         return logdet, d_scale, d_tau
 
     def operator(self, scale: float, tau: np.ndarray, power: float) -> KroneckerOperator:
@@ -227,7 +237,7 @@ class DiagStructure(_Structure):
     def smallest(self) -> float:
         return float(self.values.min())
 
-    def logdet(self, scale: float, tau: np.ndarray) -> tuple[float, float, np.ndarray]:
+    def logdet(self, scale: float, tau: np.ndarray, derivatives: bool = True) -> tuple[float, float, np.ndarray]:
         values = scale * self.values + self._tau_per_parameter(tau)
         d_tau = np.array([np.sum(1.0 / values[group]) for group in self.groups])
         return float(np.sum(np.log(values))), float(np.sum(self.values / values)), d_tau

@@ -93,12 +93,21 @@ class Kron:
         a2 = np.sum(self.A**2)
         return float(a2 * np.sum(self.G**2))
 
-    def eigen(self) -> EigenKron:
+    def eigen(self, cache: dict[int, tuple[np.ndarray, np.ndarray]] | None = None) -> EigenKron:
+        """The block in eigen-form; ``cache`` (by factor identity) shares a factor's decomposition between blocks."""
+
+        def decompose(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            if cache is None:
+                return _symmetric_eigh(matrix)
+            if id(matrix) not in cache:  # a layer's kernel and bias blocks share their G
+                cache[id(matrix)] = _symmetric_eigh(matrix)
+            return cache[id(matrix)]
+
         if self.A.ndim == 1:
             Ua, la = None, self.A
         else:
-            la, Ua = _symmetric_eigh(self.A)
-        lg, Ug = _symmetric_eigh(self.G)
+            la, Ua = decompose(self.A)
+        lg, Ug = decompose(self.G)
         return EigenKron(Ua, Ug, np.outer(la, lg))
 
     def dense(self) -> np.ndarray:
@@ -170,7 +179,7 @@ class EigenKron:
     def frobenius2(self) -> float:
         return float(np.sum(self.values**2))
 
-    def eigen(self) -> EigenKron:
+    def eigen(self, cache: dict[int, tuple[np.ndarray, np.ndarray]] | None = None) -> EigenKron:
         return self
 
     def dense(self) -> np.ndarray:
@@ -342,7 +351,8 @@ class KroneckerOperator(LinearOperator):
 
     def eigenvalues(self) -> np.ndarray:
         """All P eigenvalues of K, ascending (the products of each block's factor eigenvalues)."""
-        return np.sort(np.concatenate([block.eigen().values.ravel() for block in self.blocks]))
+        cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        return np.sort(np.concatenate([block.eigen(cache).values.ravel() for block in self.blocks]))
 
     def logdet(self, damping: float = 0.0) -> float:
         """log det(K + δI), from each block's factor eigenvalues.

@@ -375,3 +375,47 @@ def test_kfac_operator_works_with_scipy_and_round_trips(tmp_path) -> None:
     loaded = hessop.load(tmp_path / "kfac.npz")
     np.testing.assert_array_equal(loaded.to_dense(), K.to_dense())
     assert "fisher_type='type2'" in repr(K)
+
+
+def _output_covariance_models() -> dict[str, tuple[keras.Model, np.ndarray]]:
+    rng = np.random.default_rng(20)
+    keras.utils.set_random_seed(20)
+    conv = keras.Sequential(
+        [
+            keras.Input((6, 6, 2)),
+            keras.layers.Conv2D(3, 3, strides=2, padding="same", activation="tanh", dtype=F64),
+            keras.layers.Flatten(dtype=F64),
+            keras.layers.Dense(2, dtype=F64),
+        ]
+    )
+    sequence = keras.Sequential(
+        [keras.Input((4, 3)), keras.layers.Dense(5, activation="tanh", dtype=F64), keras.layers.Dense(2, dtype=F64)]
+    )
+    norm = keras.Sequential(
+        [
+            keras.Input((3,)),
+            keras.layers.Dense(4, activation="tanh", dtype=F64),
+            keras.layers.LayerNormalization(dtype=F64),
+            keras.layers.Dense(3, dtype=F64),
+        ]
+    )
+    return {
+        "conv": (conv, rng.normal(size=(5, 6, 6, 2))),
+        "sequence": (sequence, rng.normal(size=(5, 4, 3))),
+        "norm": (norm, rng.normal(size=(5, 3))),
+    }
+
+
+@pytest.mark.parametrize("name", ["conv", "sequence", "norm"])
+@pytest.mark.parametrize("separate_bias", [True, False])
+def test_output_covariance_is_the_jacobian_sandwich(name: str, separate_bias: bool) -> None:
+    """Against predictive_variance: first-order Jacobian rows times the covariance's dense products."""
+    model, x = _output_covariance_models()[name]
+    f = np.asarray(model(x))
+    y = np.zeros(f.shape)
+    K = KFACOperator(model, _mse(), (x, y), separate_bias=separate_bias)
+    cov = K.inverse(0.1, heuristic="exact")
+    expected = hessop.predictive_variance(model, x, cov)
+    _close(K.output_covariance(x, cov, batch_size=2), expected, rtol=1e-9)
+    with pytest.raises(ValueError, match="cov: expected a KroneckerOperator"):
+        K.output_covariance(x, np.eye(K.shape[0]))
