@@ -32,7 +32,8 @@ model.fit(x, y, epochs=10, batch_size=128, verbose=0)
 H = hessop.HessianOperator(model, loss_fn, (x, y), batch_size=512)
 print(f"CNN with P = {H.shape[0]:,} parameters, training loss {H.loss:.4f}")
 
-values, vectors = hessop.eigen(H, k=5, tol=1e-6)  # Lanczos: matvecs only, no P×P matrix
+# Lanczos: matvecs only, no P×P matrix
+values, vectors = hessop.eigen(H, k=5, tol=1e-6)
 for i, value in enumerate(values, 1):
     print(f"eigenvalue {i}: {value:.5f}")
 

@@ -1,4 +1,7 @@
-"""Tutorial 9: tune weight decay and the noise during training by the Laplace evidence (Immer et al., 2021)."""
+"""Tutorial 9: weight decay and noise tuned during training by the Laplace evidence.
+
+After Immer et al. (2021).
+"""
 
 from _shared import output_dir
 
@@ -17,8 +20,12 @@ x_test = np.linspace(-3, 3, 200, dtype="float32")[:, None]
 
 
 def train(callback=None, weight_decay_tau=1e-2):
-    """A tanh MLP under a Gaussian prior: the mean squared error plus τ‖w‖²/(2N)."""
-    tau = callback.prior_precision if callback else keras.Variable(weight_decay_tau, trainable=False)
+    """A tanh MLP under a Gaussian prior: the mean squared error + τ‖w‖²/(2N)."""
+    tau = (
+        callback.prior_precision
+        if callback
+        else keras.Variable(weight_decay_tau, trainable=False)
+    )
     prior = hessop.PriorRegularizer(tau, num_data=len(x))
     keras.utils.set_random_seed(0)
     model = keras.Sequential(
@@ -30,13 +37,26 @@ def train(callback=None, weight_decay_tau=1e-2):
         ]
     )
     model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="mse")
-    model.fit(x, y, epochs=120, batch_size=50, verbose=0, callbacks=[callback] if callback else [])
+    model.fit(
+        x,
+        y,
+        epochs=80,
+        batch_size=50,
+        verbose=0,
+        callbacks=[callback] if callback else [],
+    )
     return model
 
 
-# Every 40 epochs: a Laplace at the current weights, τ and σ set to the evidence's maximiser.
+# Every 40 epochs: a Laplace at the current weights; τ and σ set to the
+# evidence's maximiser.
 callback = hessop.EvidenceCallback(
-    (x, y), every=40, likelihood="regression", fit_sigma_noise=True, prior_precision=1e-2, structure="full"
+    (x, y),
+    every=40,
+    likelihood="regression",
+    fit_sigma_noise=True,
+    prior_precision=1e-2,
+    structure="full",
 )
 tuned = train(callback)
 print("epoch   prior precision τ   noise σ   log evidence")
@@ -44,9 +64,13 @@ for epoch, tau, sigma, evidence in callback.history:
     print(f"{epoch + 1:5d}   {tau:16.4g}   {sigma:7.4f}   {evidence:11.2f}")
 truth = np.sin(x_test)
 models = {f"τ tuned by the evidence ({callback.history[-1][1]:.2g})": tuned}
-models.update({f"τ fixed at {tau:g}": train(weight_decay_tau=tau) for tau in (1e-3, 10.0)})
+models.update(
+    {f"τ fixed at {tau:g}": train(weight_decay_tau=tau) for tau in (1e-3, 10.0)}
+)
 for name, model in models.items():
-    rmse = float(np.sqrt(np.mean((np.asarray(model.predict(x_test, verbose=0)) - truth) ** 2)))
+    rmse = float(
+        np.sqrt(np.mean((np.asarray(model.predict(x_test, verbose=0)) - truth) ** 2))
+    )
     print(f"{name:32s} test RMSE against sin(x): {rmse:.4f}")
 
 la = callback.laplace  # the last refit: its predictive band includes the fitted σ
@@ -55,7 +79,13 @@ sd = np.sqrt(band.covariance[:, 0, 0])
 fig, ax = plt.subplots(figsize=(5, 3.2))
 ax.plot(x, y, ".", ms=3, color="0.6", label="data")
 ax.plot(x_test, band.mean[:, 0], label="MAP, τ tuned")
-ax.fill_between(x_test[:, 0], band.mean[:, 0] - 2 * sd, band.mean[:, 0] + 2 * sd, alpha=0.3, label="±2 sd of y")
+ax.fill_between(
+    x_test[:, 0],
+    band.mean[:, 0] - 2 * sd,
+    band.mean[:, 0] + 2 * sd,
+    alpha=0.3,
+    label="±2 sd of y",
+)
 ax.legend(fontsize=8)
 fig.tight_layout()
 fig.savefig(output / "evidence_training.png", dpi=120)

@@ -1,4 +1,4 @@
-"""Tutorial 8: which training images most influence a test prediction, by EK-FAC, on a small CNN."""
+"""Tutorial 8: the training images that most influence a test prediction (EK-FAC)."""
 
 from _shared import output_dir
 
@@ -16,15 +16,18 @@ digits = load_digits()
 x = (digits.images / 16.0)[..., None].astype("float32")
 y = digits.target.astype("int32")
 order = np.random.default_rng(0).permutation(len(x))
-train, test = order[:600], order[600:]
+train, test = order[:400], order[400:]
 
-damping = 1e-2  # the L2 penalty's strength in the mean loss: the prior the MAP was trained under
-prior = hessop.PriorRegularizer(keras.Variable(damping * len(train), trainable=False), num_data=len(train))
+# The L2 penalty's strength in the mean loss: the prior the MAP was trained under.
+damping = 1e-2
+prior = hessop.PriorRegularizer(
+    keras.Variable(damping * len(train), trainable=False), num_data=len(train)
+)
 keras.utils.set_random_seed(0)
 model = keras.Sequential(
     [
         keras.Input((8, 8, 1)),
-        keras.layers.Conv2D(6, 3, activation="tanh", kernel_regularizer=prior),
+        keras.layers.Conv2D(4, 3, activation="tanh", kernel_regularizer=prior),
         keras.layers.Flatten(),
         keras.layers.Dense(10, kernel_regularizer=prior),
     ]
@@ -38,33 +41,56 @@ predicted = np.asarray(model.predict(x[test], verbose=0)).argmax(axis=1)
 wrong = np.flatnonzero(predicted != y[test])
 queries = np.concatenate([wrong[:1], np.flatnonzero(predicted == y[test])[:2]])
 result = hessop.influence_scores(
-    model, loss_fn, (x[train], y[train]), (x[test][queries], y[test][queries]), damping=damping, top_k=5
+    model,
+    loss_fn,
+    (x[train], y[train]),
+    (x[test][queries], y[test][queries]),
+    damping=damping,
+    top_k=5,
 )
-print(f"P = {result.curvature.shape[0]}, N = {len(train)} training images, {len(queries)} queries")
+print(
+    f"P = {result.curvature.shape[0]}, N = {len(train)} training images, "
+    f"{len(queries)} queries"
+)
 for q, index in enumerate(queries):
-    print(
-        f"query {q}: label {y[test][index]}, predicted {predicted[index]}; most helpful training labels "
-        f"{y[train][result.helpful[q]].tolist()}, most harmful {y[train][result.harmful[q]].tolist()}"
-    )
+    print(f"query {q}: label {y[test][index]}, predicted {predicted[index]}")
+    print(f"  most helpful training labels {y[train][result.helpful[q]].tolist()}")
+    print(f"  most harmful training labels {y[train][result.harmful[q]].tolist()}")
 
-# How close EK-FAC comes to the exact influence (dense GGN + δI; P is small here) and to plain gradient products.
+# How close EK-FAC comes to the exact influence (dense GGN + δI; P is small here),
+# and plain gradient products.
 ggn = hessop.GGNOperator(model, loss_fn, (x[train], y[train])).to_dense()
-train_gradients = hessop.per_example_gradients(model, loss_fn, (x[train], y[train]), concatenate=True)
-query_gradients = hessop.per_example_gradients(model, loss_fn, (x[test][queries], y[test][queries]), concatenate=True)
-exact = -query_gradients @ np.linalg.solve(ggn + damping * np.eye(len(ggn)), train_gradients.T)
+train_gradients = hessop.per_example_gradients(
+    model, loss_fn, (x[train], y[train]), concatenate=True
+)
+query_gradients = hessop.per_example_gradients(
+    model, loss_fn, (x[test][queries], y[test][queries]), concatenate=True
+)
+exact = -query_gradients @ np.linalg.solve(
+    ggn + damping * np.eye(len(ggn)), train_gradients.T
+)
 tracin = -query_gradients @ train_gradients.T
 print("against the exact influence     Pearson  Spearman  top-5 helpful overlap")
 for name, scores in (("EK-FAC", result.scores), ("gradient products", tracin)):
     pearson = np.mean([scipy.stats.pearsonr(s, e)[0] for s, e in zip(scores, exact)])
     spearman = np.mean([scipy.stats.spearmanr(s, e)[0] for s, e in zip(scores, exact)])
-    overlap = np.mean([len(set(np.argsort(s)[:5]) & set(np.argsort(e)[:5])) / 5 for s, e in zip(scores, exact)])
+    overlap = np.mean(
+        [
+            len(set(np.argsort(s)[:5]) & set(np.argsort(e)[:5])) / 5
+            for s, e in zip(scores, exact)
+        ]
+    )
     print(f"  {name:28s}  {pearson:.3f}    {spearman:.3f}     {overlap:.2f}")
 
 # The misclassified query, its five most helpful and five most harmful training images.
 fig, axes = plt.subplots(2, 6, figsize=(7.5, 3))
-for row, (kind, indices) in enumerate((("helpful", result.helpful[0]), ("harmful", result.harmful[0]))):
+for row, (kind, indices) in enumerate(
+    (("helpful", result.helpful[0]), ("harmful", result.harmful[0]))
+):
     axes[row, 0].imshow(x[test][queries[0], :, :, 0], cmap="gray_r")
-    axes[row, 0].set_title(f"query: {y[test][queries[0]]}→{predicted[queries[0]]}", fontsize=8)
+    axes[row, 0].set_title(
+        f"query: {y[test][queries[0]]}→{predicted[queries[0]]}", fontsize=8
+    )
     for col, index in enumerate(indices, start=1):
         axes[row, col].imshow(x[train][index, :, :, 0], cmap="gray_r")
         axes[row, col].set_title(f"{kind} {y[train][index]}", fontsize=8)

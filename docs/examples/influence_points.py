@@ -1,4 +1,7 @@
-"""Tutorial 5: influence of training points on a test prediction (ridge logistic regression)."""
+"""Tutorial 5: influence of training points on a test prediction.
+
+A ridge logistic regression.
+"""
 
 from _shared import output_dir
 
@@ -28,7 +31,9 @@ def objective(b, weights=None):
     return np.sum(w * losses) / len(y) + 0.5 * penalty * b @ b
 
 
-beta_hat = scipy.optimize.minimize(objective, np.zeros(x.shape[1]), method="BFGS", options={"gtol": 1e-10}).x
+beta_hat = scipy.optimize.minimize(
+    objective, np.zeros(x.shape[1]), method="BFGS", options={"gtol": 1e-10}
+).x
 beta = tf.Variable(beta_hat)
 
 
@@ -68,5 +73,10 @@ def test_loss(b):
 i = order[-1]
 weights = np.ones(len(y))
 weights[i] = 0.0
-refit = scipy.optimize.minimize(objective, beta_hat, args=(weights,), method="BFGS", options={"gtol": 1e-10}).x
-print(f"check #{i}: leave-one-out change {test_loss(refit) - test_loss(beta_hat):+.2e}, influence predicted {predicted[i]:+.2e}")
+refit = scipy.optimize.minimize(
+    objective, beta_hat, args=(weights,), method="BFGS", options={"gtol": 1e-10}
+).x
+print(
+    f"check #{i}: leave-one-out change {test_loss(refit) - test_loss(beta_hat):+.2e}, "
+    f"influence predicted {predicted[i]:+.2e}"
+)

@@ -30,7 +30,9 @@ model = keras.Sequential(
 
 
 def nll(y_true, f):  # Gaussian negative log-likelihood with known noise
-    return 0.5 * tf.square((y_true - f[:, 0]) / noise) + 0.5 * np.log(2 * np.pi * noise**2)
+    return 0.5 * tf.square((y_true - f[:, 0]) / noise) + 0.5 * np.log(
+        2 * np.pi * noise**2
+    )
 
 
 prior_precision = 1.0
@@ -40,28 +42,51 @@ optimizer = keras.optimizers.Adam(1e-2)
 @tf.function
 def train_step():  # MAP: mean NLL + prior penalty / N
     with tf.GradientTape() as tape:
-        penalty = 0.5 * prior_precision * tf.add_n([tf.reduce_sum(v**2) for v in model.trainable_variables])
+        penalty = (
+            0.5
+            * prior_precision
+            * tf.add_n([tf.reduce_sum(v**2) for v in model.trainable_variables])
+        )
         loss = tf.reduce_mean(nll(y, model(x))) + penalty / len(x)
-    optimizer.apply_gradients(zip(tape.gradient(loss, model.trainable_variables), model.trainable_variables))
+    optimizer.apply_gradients(
+        zip(tape.gradient(loss, model.trainable_variables), model.trainable_variables)
+    )
 
 
 for _ in range(3000):
     train_step()
 
-la = hessop.Laplace(model, nll, (x, y), curvature="ggn", prior_precision=prior_precision)
+la = hessop.Laplace(
+    model, nll, (x, y), curvature="ggn", prior_precision=prior_precision
+)
 print(la)
-print(f"log marginal likelihood at tau = {prior_precision}: {la.log_marginal_likelihood():.3f}")
+print(
+    f"log marginal likelihood at tau = {prior_precision}: "
+    f"{la.log_marginal_likelihood():.3f}"
+)
 tau = la.optimize_prior_precision()
-print(f"optimised prior precision tau = {tau:.4g}: log marginal likelihood {la.log_marginal_likelihood():.3f}")
+print(
+    f"optimised prior precision tau = {tau:.4g}: "
+    f"log marginal likelihood {la.log_marginal_likelihood():.3f}"
+)
 
 grid = np.linspace(-5, 5, 200)[:, None]
 mean, cov = la.predictive(grid)
 sd = np.sqrt(cov[:, 0, 0] + noise**2)
 inside = np.abs(grid[:, 0]) < 3
-print(f"predictive sd: {sd[np.abs(grid[:, 0] - 2) < 0.5].mean():.3f} near the data, {sd[~inside].mean():.3f} far from it")
+print(
+    f"predictive sd: {sd[np.abs(grid[:, 0] - 2) < 0.5].mean():.3f} near the data, "
+    f"{sd[~inside].mean():.3f} far from it"
+)
 
 fig, ax = plt.subplots(figsize=(7, 4))
-ax.fill_between(grid[:, 0], mean[:, 0] - 2 * sd, mean[:, 0] + 2 * sd, alpha=0.3, label="±2 sd (linearised Laplace)")
+ax.fill_between(
+    grid[:, 0],
+    mean[:, 0] - 2 * sd,
+    mean[:, 0] + 2 * sd,
+    alpha=0.3,
+    label="±2 sd (linearised Laplace)",
+)
 ax.plot(grid[:, 0], mean[:, 0], label="MAP prediction")
 ax.scatter(x[:, 0], y, s=8, color="k", label="data")
 ax.set_xlabel("x")

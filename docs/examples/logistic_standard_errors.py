@@ -1,4 +1,4 @@
-"""Tutorial 2: standard errors and robust (sandwich) standard errors of a TensorFlow logistic regression."""
+"""Tutorial 2: standard errors, plain and robust (sandwich), of a logistic model."""
 
 from _shared import output_dir
 

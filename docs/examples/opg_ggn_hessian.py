@@ -14,7 +14,13 @@ digits = load_digits()
 x = (digits.data / 16.0).astype("float32")
 y = digits.target.astype("int32")
 keras.utils.set_random_seed(0)
-model = keras.Sequential([keras.Input((64,)), keras.layers.Dense(16, activation="tanh"), keras.layers.Dense(10)])
+model = keras.Sequential(
+    [
+        keras.Input((64,)),
+        keras.layers.Dense(16, activation="tanh"),
+        keras.layers.Dense(10),
+    ]
+)
 loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
 model.compile(optimizer=keras.optimizers.Adam(1e-2), loss=loss_fn)
 model.fit(x, y, epochs=15, batch_size=128, verbose=0)
@@ -26,10 +32,15 @@ operators = {
 }
 k = 5
 tops = {name: hessop.eigen(op, k=k, tol=1e-6)[0] for name, op in operators.items()}
-tops["OPG (ipca, one pass)"] = hessop.eigen(operators["OPG"], k=k, method="ipca", oversample=40)[0]
+tops["OPG (ipca, one pass)"] = hessop.eigen(
+    operators["OPG"], k=k, method="ipca", oversample=40
+)[0]
 print(f"top-{k} eigenvalues, P = {operators['Hessian'].shape[0]:,}:")
 print("rank " + "".join(f"{name:>22}" for name in tops))
 for i in range(k):
     print(f"{i + 1:>4} " + "".join(f"{tops[name][i]:>22.5f}" for name in tops))
 gap = np.linalg.norm(tops["Hessian"] - tops["GGN"]) / np.linalg.norm(tops["Hessian"])
-print(f"relative gap Hessian vs GGN on the top-{k}: {gap:.2%} (the dropped output-curvature term)")
+print(
+    f"relative gap Hessian vs GGN on the top-{k}: {gap:.2%} "
+    "(the dropped output-curvature term)"
+)

@@ -1,4 +1,4 @@
-"""Tutorial 6: KFAC, EKFAC and the exact diagonal against the exact GGN of a small CNN."""
+"""Tutorial 6: KFAC, EKFAC and the exact diagonal against the GGN of a small CNN."""
 
 from _shared import output_dir
 
@@ -36,7 +36,8 @@ approximations = {
 diagonal = hessop.diagonal(ggn)  # C backward passes per example, not P products
 print(f"P = {exact.shape[0]}, N = {len(x)}")
 
-# How close is each to the exact GGN (relative Frobenius error), and to its layer blocks?
+# How close is each to the exact GGN (relative Frobenius error), and to its
+# layer blocks?
 blocks = hessop.block_diagonal(ggn, "layer")
 block_exact = np.zeros_like(exact)
 for index in blocks.indices:
@@ -48,7 +49,10 @@ for name, op in approximations.items():
         f"  {name:26s} {np.linalg.norm(dense - exact) / np.linalg.norm(exact):.3f}    "
         f"{np.linalg.norm(dense - block_exact) / np.linalg.norm(block_exact):.3f}"
     )
-print(f"  {'diagonal':26s} {np.linalg.norm(np.diag(diagonal) - exact) / np.linalg.norm(exact):.3f}")
+print(
+    f"  {'diagonal':26s} "
+    f"{np.linalg.norm(np.diag(diagonal) - exact) / np.linalg.norm(exact):.3f}"
+)
 
 # Spectra: the top eigenvalues of each.
 top = {"GGN": np.linalg.eigvalsh(exact)[::-1][:5]}
@@ -65,13 +69,21 @@ for name, (values, _) in blocks.eigen(k=1).items():
 damping = 1e-3
 b = np.random.default_rng(0).normal(size=exact.shape[0])
 z = np.linalg.solve(exact + damping * np.eye(len(b)), b)
-inverses = {name: op.inverse(damping, heuristic="exact") for name, op in approximations.items()}
+inverses = {
+    name: op.inverse(damping, heuristic="exact") for name, op in approximations.items()
+}
 inverses["diagonal"] = lambda v: v / (diagonal + damping)
-print(f"inverse quality, damping {damping}: relative error of (A + δI)⁻¹ b against (G + δI)⁻¹ b")
+print(
+    f"inverse quality, damping {damping}: "
+    "relative error of (A + δI)⁻¹ b against (G + δI)⁻¹ b"
+)
 for name, inverse in inverses.items():
     approx = inverse(b) if callable(inverse) else inverse @ b
     print(f"  {name:9s} {np.linalg.norm(approx - z) / np.linalg.norm(z):.3f}")
 print(
-    f"log det(G + δI): exact {np.linalg.slogdet(exact + damping * np.eye(len(b)))[1]:.1f}, "
-    + ", ".join(f"{name} {op.logdet(damping):.1f}" for name, op in approximations.items())
+    "log det(G + δI): "
+    f"exact {np.linalg.slogdet(exact + damping * np.eye(len(b)))[1]:.1f}, "
+    + ", ".join(
+        f"{name} {op.logdet(damping):.1f}" for name, op in approximations.items()
+    )
 )

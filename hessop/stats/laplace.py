@@ -273,8 +273,9 @@ class Laplace:
         if self.curvature_name == "hessian":
             advice = "the Hessian is indefinite here: use curvature='ggn', fit to a minimum, or raise prior_precision."
         else:
+            name = {"kron": "KFAC of the GGN", "ekfac": "EKFAC of the GGN"}.get(self.structure, self.curvature_name.upper())
             advice = (
-                f"the {self.curvature_name.upper()} has an eigenvalue {self._structure.smallest():.3g} beyond round-off: "
+                f"the {name} has an eigenvalue {self._structure.smallest():.3g} beyond round-off: "
                 "check that the loss is a negative log-likelihood, convex in the model's outputs."
             )
         msg = f"posterior precision s·C + τI is not positive definite (smallest eigenvalue ≤ {smallest:.4g}); {advice}"

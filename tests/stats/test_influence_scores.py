@@ -40,9 +40,9 @@ def output_jacobians(model, x):
 
 def deep_linear():
     rng = np.random.default_rng(0)
-    x = rng.normal(size=(48, 4))
+    x = rng.normal(size=(24, 4))
     x -= x.mean(axis=0)
-    y = rng.normal(size=(48, 2))
+    y = rng.normal(size=(24, 2))
     keras.utils.set_random_seed(0)
     model = keras.Sequential(
         [

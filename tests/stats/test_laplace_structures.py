@@ -128,7 +128,7 @@ def test_classification_likelihood_is_the_cross_entropy(labels):
     theirs = hessop.Laplace(model, loss, (x, y), prior_precision=1.0)
     assert rel_err(mine.posterior_covariance.to_dense(), theirs.posterior_covariance.to_dense()) < 1e-10
     assert abs(mine.log_marginal_likelihood() - theirs.log_marginal_likelihood()) < 1e-9
-    probabilities = mine.predictive(x[:6], link="mc", num_samples=20000, seed=0)
+    probabilities = mine.predictive(x[:6], link="mc", num_samples=5000, seed=0)
     assert probabilities.shape == (6, 1 if labels == "binary" else 3)
     assert np.all((probabilities > 0) & (probabilities < 1))
     assert np.max(np.abs(mine.predictive(x[:6], link="probit") - probabilities)) < 0.05  # an approximation
