@@ -15,11 +15,11 @@ A ⊗ G in hessop's (Keras's row-major) order: a kernel is (d_in, d_out).
 How the layers are read: while the per-batch function traces, each covered
 layer's ``call`` is wrapped (an attribute of that layer object, restored at
 once) to record its input and its pre-activation output z; one tape then
-differentiates the model outputs with respect to every z at once (a
-vectorised Jacobian over the R columns). No weight gradient is formed. For
-``"type2"`` the columns are those of the output Jacobian itself, and
-:math:`\sum_c g_c g_c^\top = J_z^\top H J_z` with each example's loss
-Hessian H: no square root is taken.
+differentiates the model outputs with respect to every z at once (one
+backward pass per column up to 32 columns, ``tape.jacobian`` beyond). No
+weight gradient is formed. For ``"type2"`` the columns are those of the
+output Jacobian itself, and :math:`\sum_c g_c g_c^\top = J_z^\top H J_z`
+with each example's loss Hessian H: no square root is taken.
 """
 
 from __future__ import annotations
