@@ -21,6 +21,7 @@ __all__ = ["GGNOperator", "ggn", "loss_output_hessian", "loss_output_vectors"]
 FISHER_TYPES = ("type2", "mc", "empirical")
 
 _ZERO = tf.UnconnectedGradients.ZERO
+_UNROLLED = 32  # output columns differentiated one backward pass each; tape.jacobian beyond
 
 
 def ggn(engine: Engine, x: Any, y: Any, v: tf.Tensor, part: tuple[int, ...] | None = None) -> tf.Tensor:
@@ -166,11 +167,20 @@ def diagonal_by_backprop(engine: Engine, x: Any, y: Any, seed: tf.Tensor, fisher
     """
     vectors = loss_output_vectors(engine, x, y, engine.call_model(x), fisher_type, samples, seed)
 
+    columns = vectors.shape[-1]
+    unrolled = columns is not None and columns <= _UNROLLED
+
     def squares(xn: Any, packed: Any) -> tf.Tensor:
         yn, sn = packed
-        with tf.GradientTape() as tape:
+        with tf.GradientTape(persistent=unrolled) as tape:
             flat = output_matrix(engine.call_model(xn), 1)
             target = tf.linalg.matvec(sn[0], flat[0], transpose_a=True)  # (R,)
+            entries = tf.unstack(target, num=columns) if unrolled else None
+        if unrolled:
+            # One backward pass per column: tape.jacobian's pfor would densify an
+            # Embedding's IndexedSlices gradient with a warning on every trace.
+            rows = [engine.concat(engine.gradients(tape, entry, second_order=True)) for entry in entries]
+            return tf.add_n([tf.square(row) for row in rows])
         rows = tape.jacobian(target, engine.variables, unconnected_gradients=_ZERO)
         return tf.reduce_sum(tf.concat([tf.reshape(r, (tf.shape(target)[0], -1)) for r in rows], axis=1) ** 2, axis=0)
 

@@ -157,3 +157,24 @@ def test_sampled_label_gradients_have_the_loss_hessian_as_covariance(loss):
     }[loss]
     # 40,000 samples: a standard error of about 0.5 % of the largest entry; allow 3 %.
     np.testing.assert_allclose(covariance, expected, atol=0.03 * np.abs(expected).max())
+
+
+def test_the_diagonal_of_an_embedding_model_does_not_densify_with_a_warning() -> None:
+    """Embedding gradients are IndexedSlices: the per-column backward passes densify them quietly."""
+    import logging
+
+    from zoo import transformer_case
+
+    case = transformer_case()
+    G = hessop.GGNOperator(case.model, case.loss_fn, (case.x, case.y))
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("tensorflow")
+    logger.addHandler(handler)
+    try:
+        diagonal = hessop.diagonal(G)
+    finally:
+        logger.removeHandler(handler)
+    assert np.all(np.isfinite(diagonal))
+    assert not [r for r in records if "IndexedSlices" in r.getMessage()]
