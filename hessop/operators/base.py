@@ -283,8 +283,11 @@ class DataPassOperator(LinearOperator):
         >>> import numpy as np, tensorflow as tf, hessop
         >>> w = tf.Variable([1.0, 2.0], dtype=tf.float64)
         >>> x, y = np.eye(2), np.zeros(2)
-        >>> H = hessop.HessianOperator(lambda x: tf.linalg.matvec(x, w), lambda y, f: 0.5 * (f - y) ** 2,
-        ...                            (x, y), params=[w])
+        >>> def squared_error(y, f):
+        ...     return 0.5 * (f - y) ** 2
+        >>> H = hessop.HessianOperator(
+        ...     lambda x: tf.linalg.matvec(x, w), squared_error, (x, y), params=[w]
+        ... )
         >>> loss, grad = H.loss_and_gradient()
         >>> float(loss), grad
         (1.25, array([0.5, 1. ]))
@@ -586,7 +589,8 @@ class DataPassOperator(LinearOperator):
         >>> import numpy as np, tensorflow as tf, hessop
         >>> w = tf.Variable([1.0, 2.0], dtype=tf.float64)
         >>> model = lambda x: tf.linalg.matvec(x, w)
-        >>> J = hessop.JacobianOperator(model, None, (np.eye(2), None), target="outputs", params=[w])
+        >>> data = (np.eye(2), None)
+        >>> J = hessop.JacobianOperator(model, None, data, target="outputs", params=[w])
         >>> J.dense_hooks().parts is None  # not symmetric: every column's rows are computed
         True
         """
@@ -684,8 +688,12 @@ class SymmetricDataPassOperator(DataPassOperator):
         --------
         >>> import numpy as np, tensorflow as tf, hessop
         >>> w = tf.Variable([1.0, 2.0], dtype=tf.float64)
-        >>> H = hessop.HessianOperator(lambda x: tf.linalg.matvec(x, w), lambda y, f: 0.5 * (f - y) ** 2,
-        ...                            (np.eye(2), np.zeros(2)), params=[w])
+        >>> def squared_error(y, f):
+        ...     return 0.5 * (f - y) ** 2
+        >>> data = (np.eye(2), np.zeros(2))
+        >>> H = hessop.HessianOperator(
+        ...     lambda x: tf.linalg.matvec(x, w), squared_error, data, params=[w]
+        ... )
         >>> H.dense_hooks().parts
         ((0, 2),)
         """
@@ -839,7 +847,9 @@ class SymmetricDataPassOperator(DataPassOperator):
         >>> beta = tf.Variable([0.5, -0.25], dtype=tf.float64)
         >>> x = np.array([[1.0, 2.0], [0.5, -1.0], [2.0, 0.0]]); y = np.array([1.0, 0.0, 3.0])
         >>> poisson = lambda y, eta: tf.exp(eta) - y * eta
-        >>> H = hessop.HessianOperator(lambda x: tf.linalg.matvec(x, beta), poisson, (x, y), params=[beta])
+        >>> def model(x):
+        ...     return tf.linalg.matvec(x, beta)
+        >>> H = hessop.HessianOperator(model, poisson, (x, y), params=[beta])
         >>> bool(np.allclose(H.to_dense(), x.T @ np.diag(np.exp(x @ beta.numpy())) @ x / 3))
         True
         """

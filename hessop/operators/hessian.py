@@ -159,7 +159,9 @@ class HessianOperator(SymmetricDataPassOperator):
     >>> import numpy as np, keras, hessop
     >>> x = np.random.default_rng(0).normal(size=(50, 3))
     >>> y = (x[:, 0] > 0).astype("float64")[:, None]
-    >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1, dtype="float64")])
+    >>> model = keras.Sequential(
+    ...     [keras.Input((3,)), keras.layers.Dense(1, dtype="float64")]
+    ... )
     >>> loss = keras.losses.BinaryCrossentropy(from_logits=True, dtype="float64")
     >>> H = hessop.HessianOperator(model, loss, (x, y), batch_size=16)
     >>> H.shape
@@ -254,9 +256,13 @@ class HessianOperator(SymmetricDataPassOperator):
         >>> import numpy as np, keras, hessop
         >>> rng = np.random.default_rng(0)
         >>> x, y = rng.normal(size=(40, 3)), rng.integers(0, 2, size=(40, 1)).astype("float64")
-        >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4, activation="tanh", dtype="float64"),
-        ...                           keras.layers.Dense(1, dtype="float64")])
-        >>> H = hessop.HessianOperator(model, keras.losses.BinaryCrossentropy(from_logits=True, dtype="float64"), (x, y))
+        >>> model = keras.Sequential([
+        ...     keras.Input((3,)),
+        ...     keras.layers.Dense(4, activation="tanh", dtype="float64"),
+        ...     keras.layers.Dense(1, dtype="float64"),
+        ... ])
+        >>> loss = keras.losses.BinaryCrossentropy(from_logits=True, dtype="float64")
+        >>> H = hessop.HessianOperator(model, loss, (x, y))
         >>> dense = H.to_dense()  # the first kernel's 12 × 12 block in closed form
         >>> bool(np.allclose(dense, H.to_dense(method="hvp")))
         True

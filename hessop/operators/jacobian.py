@@ -85,11 +85,15 @@ class JacobianOperator(DataPassOperator):
     >>> import numpy as np, tensorflow as tf, hessop
     >>> beta = tf.Variable([0.5, -1.0], dtype=tf.float64)
     >>> x = np.array([[1.0, 2.0], [0.5, -1.0], [2.0, 0.0]]); y = np.array([1.0, 0.0, 3.0])
-    >>> J = hessop.JacobianOperator(lambda x: tf.linalg.matvec(x, beta), lambda y, f: 0.5 * (f - y) ** 2,
-    ...                             (x, y), params=[beta])
+    >>> def squared_error(y, f):
+    ...     return 0.5 * (f - y) ** 2
+    >>> J = hessop.JacobianOperator(
+    ...     lambda x: tf.linalg.matvec(x, beta), squared_error, (x, y), params=[beta]
+    ... )
     >>> J.shape
     (3, 2)
-    >>> bool(np.allclose(J @ np.eye(2), (x @ beta.numpy() - y)[:, None] * x))  # rows: residual * x_n
+    >>> rows = (x @ beta.numpy() - y)[:, None] * x  # residual * x_n
+    >>> bool(np.allclose(J @ np.eye(2), rows))
     True
     """
 

@@ -537,13 +537,15 @@ class KFACOperator(KroneckerOperator):
     >>> x, y = rng.normal(size=(32, 3)), rng.normal(size=(32, 2))
     >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4, dtype="float64"),
     ...                           keras.layers.Dense(2, dtype="float64")])
-    >>> K = hessop.KFACOperator(model, keras.losses.MeanSquaredError(dtype="float64"), (x, y))
-    >>> G = hessop.GGNOperator(model, keras.losses.MeanSquaredError(dtype="float64"), (x, y))
-    >>> block = slice(0, 12)  # the first kernel: deep linear + squared error, so KFAC is exact there
+    >>> loss = keras.losses.MeanSquaredError(dtype="float64")
+    >>> K = hessop.KFACOperator(model, loss, (x, y))
+    >>> G = hessop.GGNOperator(model, loss, (x, y))
+    >>> block = slice(0, 12)  # the first kernel: deep linear + MSE, KFAC is exact there
     >>> bool(np.allclose(K.to_dense()[block, block], G.to_dense()[block, block]))
     True
     >>> Kinv = K.inverse(damping=1e-3, heuristic="exact")
-    >>> bool(np.allclose(Kinv @ (K @ np.ones(K.shape[0])) + 1e-3 * (Kinv @ np.ones(K.shape[0])), 1.0))
+    >>> ones = np.ones(K.shape[0])
+    >>> bool(np.allclose(Kinv @ (K @ ones) + 1e-3 * (Kinv @ ones), 1.0))
     True
     """
 
@@ -707,11 +709,15 @@ class EKFACOperator(KFACOperator):
     >>> import numpy as np, keras, hessop
     >>> rng = np.random.default_rng(1)
     >>> x, y = rng.normal(size=(16, 3)), rng.integers(0, 3, 16)
-    >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(5, activation="tanh", dtype="float64"),
-    ...                           keras.layers.Dense(3, dtype="float64")])
+    >>> model = keras.Sequential([
+    ...     keras.Input((3,)),
+    ...     keras.layers.Dense(5, activation="tanh", dtype="float64"),
+    ...     keras.layers.Dense(3, dtype="float64"),
+    ... ])
     >>> loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True, dtype="float64")
     >>> E = hessop.EKFACOperator(model, loss, (x, y))
-    >>> E.num_passes, round(E.logdet(damping=1e-2) - hessop.KFACOperator(model, loss, (x, y)).logdet(damping=1e-2), 6) != 0
+    >>> K = hessop.KFACOperator(model, loss, (x, y))
+    >>> E.num_passes, round(E.logdet(damping=1e-2) - K.logdet(damping=1e-2), 6) != 0
     (2, True)
     """
 

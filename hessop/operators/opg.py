@@ -56,8 +56,11 @@ class OPGOperator(SymmetricDataPassOperator):
     >>> import numpy as np, tensorflow as tf, hessop
     >>> beta = tf.Variable([0.5, -1.0], dtype=tf.float64)
     >>> x = np.array([[1.0, 2.0], [0.5, -1.0], [2.0, 0.0]]); y = np.array([1.0, 0.0, 3.0])
-    >>> G = hessop.OPGOperator(lambda x: tf.linalg.matvec(x, beta), lambda y, f: 0.5 * (f - y) ** 2,
-    ...                        (x, y), params=[beta])
+    >>> def squared_error(y, f):
+    ...     return 0.5 * (f - y) ** 2
+    >>> G = hessop.OPGOperator(
+    ...     lambda x: tf.linalg.matvec(x, beta), squared_error, (x, y), params=[beta]
+    ... )
     >>> grads = (x @ beta.numpy() - y)[:, None] * x
     >>> bool(np.allclose(G.to_dense(), grads.T @ grads / 3))
     True
@@ -146,8 +149,12 @@ def per_example_gradients(
     >>> import numpy as np, tensorflow as tf, hessop
     >>> beta = tf.Variable([0.5, -1.0], dtype=tf.float64)
     >>> x = np.array([[1.0, 2.0], [0.5, -1.0], [2.0, 0.0]]); y = np.array([1.0, 0.0, 3.0])
-    >>> J = hessop.per_example_gradients(lambda x: tf.linalg.matvec(x, beta), lambda y, f: 0.5 * (f - y) ** 2,
-    ...                                  (x, y), params=[beta], concatenate=True)
+    >>> def squared_error(y, f):
+    ...     return 0.5 * (f - y) ** 2
+    >>> J = hessop.per_example_gradients(
+    ...     lambda x: tf.linalg.matvec(x, beta), squared_error, (x, y),
+    ...     params=[beta], concatenate=True,
+    ... )
     >>> J.shape
     (3, 2)
     """

@@ -204,7 +204,8 @@ def block_diagonal(
     Examples
     --------
     >>> import numpy as np, scipy.sparse.linalg as sla, hessop
-    >>> A = sla.aslinearoperator(np.array([[2.0, 1.0, 0.5], [1.0, 3.0, 0.2], [0.5, 0.2, 4.0]]))
+    >>> matrix = np.array([[2.0, 1.0, 0.5], [1.0, 3.0, 0.2], [0.5, 0.2, 4.0]])
+    >>> A = sla.aslinearoperator(matrix)
     >>> B = hessop.block_diagonal(A, [np.array([0, 1]), np.array([2])], names=["w", "b"])
     >>> B.to_dense()
     array([[2., 1., 0.],

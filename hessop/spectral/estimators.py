@@ -233,8 +233,8 @@ class SpectralDensity:
         # (-7e-9 for a GGN): only nodes below -σ count as negative mass.
         negative = float(np.sum(self.weights[self.nodes < -self.sigma]) / self.weights.shape[0])
         return (
-            f"spectral density: support ≈ [{low:.4g}, {high:.4g}], {negative:.1%} of the mass below -σ, "
-            f"{mass.size} Lanczos nodes × {self.weights.shape[0]} probes, σ = {self.sigma:.3g}"
+            f"spectral density: support ≈ [{low:.4g}, {high:.4g}], {negative:.1%} of the mass below -σ\n"
+            f"  ({mass.size} Lanczos nodes × {self.weights.shape[0]} probes, σ = {self.sigma:.3g})"
         )
 
 

@@ -46,7 +46,8 @@ def plot_spectrum(
     --------
     >>> import numpy as np, scipy.sparse.linalg as sla, hessop
     >>> A = sla.aslinearoperator(np.diag(np.linspace(0.0, 1.0, 30)))
-    >>> ax = hessop.plot_spectrum(hessop.spectral_density(A, num_lanczos=10), [1.0])  # doctest: +SKIP
+    >>> density = hessop.spectral_density(A, num_lanczos=10)
+    >>> ax = hessop.plot_spectrum(density, [1.0])  # doctest: +SKIP
     """
     try:
         import matplotlib

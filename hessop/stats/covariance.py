@@ -407,7 +407,8 @@ def summary(model_or_params: Any, cov: Any, names: list[str] | None = None, *, l
     --------
     >>> import numpy as np, tensorflow as tf, hessop
     >>> beta = tf.Variable([1.0, -0.2], name="beta")
-    >>> print(hessop.summary([beta], np.diag([0.04, 0.04])))  # doctest: +NORMALIZE_WHITESPACE
+    >>> table = hessop.summary([beta], np.diag([0.04, 0.04]))
+    >>> print(table)  # doctest: +NORMALIZE_WHITESPACE
     parameter  estimate  std.err       z   p-value  95% lower  95% upper
     --------------------------------------------------------------------
     beta[0]           1      0.2   5.000  5.73e-07    0.60801      1.392
@@ -486,8 +487,9 @@ def predictive_variance(
     >>> import numpy as np, tensorflow as tf, hessop
     >>> w = tf.Variable([1.0, 2.0], dtype=tf.float64)
     >>> x = np.array([[1.0, 0.0], [1.0, 1.0]])
-    >>> hessop.predictive_variance(lambda x: tf.linalg.matvec(x, w)[:, None], x, np.diag([0.5, 0.25]),
-    ...                            params=[w])[:, 0, 0]
+    >>> def model(x):
+    ...     return tf.linalg.matvec(x, w)[:, None]
+    >>> hessop.predictive_variance(model, x, np.diag([0.5, 0.25]), params=[w])[:, 0, 0]
     array([0.5 , 0.75])
     """
     import tensorflow as tf

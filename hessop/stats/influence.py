@@ -87,7 +87,9 @@ def influence_scores(
     >>> import numpy as np, keras, hessop
     >>> rng = np.random.default_rng(0)
     >>> x, y = rng.normal(size=(32, 3)), rng.integers(0, 2, 32)
-    >>> model = keras.Sequential([keras.Input((3,), dtype="float64"), keras.layers.Dense(2, dtype="float64")])
+    >>> model = keras.Sequential(
+    ...     [keras.Input((3,), dtype="float64"), keras.layers.Dense(2, dtype="float64")]
+    ... )
     >>> loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True, dtype="float64")
     >>> result = hessop.influence_scores(model, loss, (x, y), (x[:2], y[:2]), top_k=3)
     >>> result.scores.shape, result.helpful.shape

@@ -119,7 +119,9 @@ class Laplace:
     >>> import numpy as np, tensorflow as tf, hessop
     >>> w = tf.Variable([0.0], dtype=tf.float64)
     >>> x, y = np.ones((4, 1)), np.zeros(4)
-    >>> la = hessop.Laplace(lambda x: tf.linalg.matvec(x, w)[:, None], None, (x, y), likelihood="regression",
+    >>> def model(x):
+    ...     return tf.linalg.matvec(x, w)[:, None]
+    >>> la = hessop.Laplace(model, None, (x, y), likelihood="regression",
     ...                     sigma_noise=1.0, params=[w], prior_precision=1.0)
     >>> la.posterior_covariance.to_dense()  # (N / σ² + τ)⁻¹
     array([[0.2]])

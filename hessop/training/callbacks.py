@@ -34,7 +34,8 @@ class PriorRegularizer(keras.regularizers.Regularizer):
     >>> import numpy as np, keras
     >>> from hessop.training.callbacks import PriorRegularizer
     >>> tau = keras.Variable(4.0, trainable=False)
-    >>> float(PriorRegularizer(tau, num_data=2)(np.ones(3, dtype="float32")))  # 4 / (2·2) · 3
+    >>> penalty = PriorRegularizer(tau, num_data=2)
+    >>> float(penalty(np.ones(3, dtype="float32")))  # 4 / (2·2) · 3
     3.0
     """
 
@@ -81,7 +82,8 @@ class EvidenceCallback(keras.callbacks.Callback):
     >>> x = rng.normal(size=(64, 2)).astype("float32")
     >>> y = (x[:, :1] > 0).astype("int32")
     >>> callback = EvidenceCallback((x, y), every=2)
-    >>> model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(2, kernel_regularizer=callback.regularizer)])
+    >>> head = keras.layers.Dense(2, kernel_regularizer=callback.regularizer)
+    >>> model = keras.Sequential([keras.Input((2,)), head])
     >>> model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     >>> _ = model.fit(x, y, epochs=2, verbose=0, callbacks=[callback])
     >>> len(callback.history), callback.history[0][1] > 0
