@@ -1,17 +1,26 @@
-"""Tutorial 9: weight decay and noise tuned during training by the Laplace evidence.
-
-After Immer et al. (2021).
 """
+# Weight decay tuned by the evidence
 
-from _shared import output_dir
-
-output = output_dir(__doc__)
+After Immer et al. (2021): during training, an `EvidenceCallback` refits a
+Laplace approximation every 40 epochs at the current weights and sets the
+prior precision τ (the weight decay) and the noise σ to the evidence's
+maximiser. No validation set is needed. The data are sin(x) with noise
+σ = 0.15.
+"""
 
 import keras
 import matplotlib.pyplot as plt
 import numpy as np
 
 import hessop
+
+# %%
+# ## Data and model
+#
+# The layers' `kernel_regularizer=hessop.PriorRegularizer(...)` reads τ from a
+# variable, so the compiled training step follows the callback's updates
+# without retracing: training minimises the mean squared error plus
+# τ‖w‖²/(2N).
 
 rng = np.random.default_rng(0)
 x = rng.uniform(-3, 3, size=(200, 1)).astype("float32")
@@ -48,8 +57,13 @@ def train(callback=None, weight_decay_tau=1e-2):
     return model
 
 
-# Every 40 epochs: a Laplace at the current weights; τ and σ set to the
-# evidence's maximiser.
+# %%
+# ## Training with the callback
+#
+# Every 40 epochs: a Laplace at the current weights, then τ and σ set to the
+# evidence's maximiser. Two models with a fixed τ, one small and one large,
+# serve as a comparison; the test error is against sin(x) itself.
+
 callback = hessop.EvidenceCallback(
     (x, y),
     every=40,
@@ -73,6 +87,13 @@ for name, model in models.items():
     )
     print(f"{name:32s} test RMSE against sin(x): {rmse:.4f}")
 
+# %%
+# σ comes down close to the data's noise, 0.15, and τ grows as the fit
+# improves. The tuned model's test error matches the weakly regularised
+# one's and is far from that of a badly chosen τ = 10: the evidence picks a
+# sensible τ without a validation set. The band shows ±2 predictive standard
+# deviations of y, σ included.
+
 la = callback.laplace  # the last refit: its predictive band includes the fitted σ
 band = la.predictive(x_test)
 sd = np.sqrt(band.covariance[:, 0, 0])
@@ -88,5 +109,4 @@ ax.fill_between(
 )
 ax.legend(fontsize=8)
 fig.tight_layout()
-fig.savefig(output / "evidence_training.png", dpi=120)
-print("saved evidence_training.png")
+plt.show()

@@ -1,8 +1,13 @@
-"""Tutorial 8: the training images that most influence a test prediction (EK-FAC)."""
+"""
+# Influential training images
 
-from _shared import output_dir
-
-output = output_dir(__doc__)
+A small CNN trained on 400 digits under an L2 penalty δ. Which training
+images most influence its predictions on three test images, one of them
+misclassified? `hessop.influence_scores` answers with an EK-FAC approximation
+of the GGN + δI, solved once for all the queries. Because P = 1,490 here, we
+can also compare its scores with the exact influence (the dense GGN) and with
+plain gradient products (TracIn-style).
+"""
 
 import keras
 import matplotlib.pyplot as plt
@@ -18,7 +23,12 @@ y = digits.target.astype("int32")
 order = np.random.default_rng(0).permutation(len(x))
 train, test = order[:400], order[400:]
 
-# The L2 penalty's strength in the mean loss: the prior the MAP was trained under.
+# %%
+# ## Training under a prior
+#
+# The L2 penalty's strength in the mean loss is δ: the prior the MAP was
+# trained under, and the damping of the influence.
+
 damping = 1e-2
 prior = hessop.PriorRegularizer(
     keras.Variable(damping * len(train), trainable=False), num_data=len(train)
@@ -36,7 +46,11 @@ loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 model.compile(optimizer=keras.optimizers.Adam(1e-2), loss=loss_fn)
 model.fit(x[train], y[train], epochs=60, batch_size=100, verbose=0)
 
-# Queries: the first misclassified test image, and two correct ones.
+# %%
+# ## Influence scores
+#
+# The queries: the first misclassified test image, and two correct ones.
+
 predicted = np.asarray(model.predict(x[test], verbose=0)).argmax(axis=1)
 wrong = np.flatnonzero(predicted != y[test])
 queries = np.concatenate([wrong[:1], np.flatnonzero(predicted == y[test])[:2]])
@@ -57,8 +71,12 @@ for q, index in enumerate(queries):
     print(f"  most helpful training labels {y[train][result.helpful[q]].tolist()}")
     print(f"  most harmful training labels {y[train][result.harmful[q]].tolist()}")
 
-# How close EK-FAC comes to the exact influence (dense GGN + δI; P is small here),
-# and plain gradient products.
+# %%
+# ## Against the exact influence
+#
+# The exact influence solves with the dense GGN + δI, possible because P is
+# small here; gradient products skip the solve altogether.
+
 ggn = hessop.GGNOperator(model, loss_fn, (x[train], y[train])).to_dense()
 train_gradients = hessop.per_example_gradients(
     model, loss_fn, (x[train], y[train]), concatenate=True
@@ -82,7 +100,16 @@ for name, scores in (("EK-FAC", result.scores), ("gradient products", tracin)):
     )
     print(f"  {name:28s}  {pearson:.3f}    {spearman:.3f}     {overlap:.2f}")
 
-# The misclassified query, its five most helpful and five most harmful training images.
+# %%
+# The most helpful images of a query share its label; the most harmful ones
+# are the classes it is confused with. EK-FAC's scores correlate with the
+# exact ones clearly better than gradient products do. Rank correlation over
+# all 400 images is low, though: use the scores to find the most influential
+# examples, not to order all of them.
+#
+# The misclassified query, with its five most helpful and five most harmful
+# training images:
+
 fig, axes = plt.subplots(2, 6, figsize=(7.5, 3))
 for row, (kind, indices) in enumerate(
     (("helpful", result.helpful[0]), ("harmful", result.harmful[0]))
@@ -98,5 +125,4 @@ for ax in axes.ravel():
     ax.set_xticks([])
     ax.set_yticks([])
 fig.tight_layout()
-fig.savefig(output / "influence_images.png", dpi=120)
-print("saved influence_images.png")
+plt.show()

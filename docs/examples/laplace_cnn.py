@@ -1,8 +1,13 @@
-"""Tutorial 7: a last-layer Laplace on a small CNN, and its calibration (ECE)."""
+"""
+# Last-layer Laplace of a CNN, and its calibration
 
-from _shared import output_dir
-
-output = output_dir(__doc__)
+A small CNN on the digits data, trained under a Gaussian prior (a
+`PriorRegularizer`, so the weights are a MAP estimate). A Laplace
+approximation over its last layer only, with a Kronecker-factored posterior,
+turns its softmax into a predictive distribution. Is it better calibrated?
+We measure the expected calibration error (ECE, 10 confidence bins) on clean
+test digits and on the same digits under pixel noise.
+"""
 
 import keras
 import matplotlib.pyplot as plt
@@ -17,6 +22,9 @@ y = digits.target.astype("int32")
 order = np.random.default_rng(0).permutation(len(x))
 train, validation, test = order[:600], order[600:900], order[900:]
 
+# %%
+# ## The MAP
+#
 # The MAP of a Gaussian prior N(0, 1/τ₀): the mean loss plus τ₀‖w‖²/(2N),
 # as a Keras regulariser.
 prior = hessop.PriorRegularizer(
@@ -29,17 +37,20 @@ model = keras.Sequential(
         keras.layers.Conv2D(8, 3, activation="relu", kernel_regularizer=prior),
         keras.layers.Flatten(),
         keras.layers.Dense(32, activation="relu", kernel_regularizer=prior),
-        keras.layers.Dense(
-            10, kernel_regularizer=prior
-        ),  # logits: the likelihood applies the softmax
+        keras.layers.Dense(10, kernel_regularizer=prior),  # logits
     ]
 )
 loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 model.compile(optimizer=keras.optimizers.Adam(3e-3), loss=loss_fn)
 model.fit(x[train], y[train], epochs=40, batch_size=64, verbose=0)
 
-# Bayesian last layer: the features are computed once; the posterior is over
-# the head's 330 weights.
+# %%
+# ## A Bayesian last layer
+#
+# `subset="last_layer"` runs the convolutional part once and keeps its
+# features; the posterior is over the head's 330 weights, with
+# `structure="kron"`. The prior precision τ is set by the evidence.
+
 la = hessop.Laplace(
     model,
     None,
@@ -73,9 +84,12 @@ def nll(probabilities, labels):
     return -np.mean(np.log(probabilities[np.arange(len(labels)), labels] + 1e-12))
 
 
-# τ by the evidence saturates here: a confident softmax has little curvature, so the
-# posterior stays near the prior. A second choice, common in practice: the τ with the
-# best validation NLL. Each τ reuses the same factors: no pass over the data.
+# %%
+# ## A second τ, by validation
+#
+# A common choice in practice is the τ with the best validation NLL. Each τ
+# on the grid reuses the same Kronecker factors: no pass over the data.
+
 grid = np.logspace(0, 4, 9)
 scores = []
 for candidate in grid:
@@ -90,8 +104,14 @@ def softmax(logits):
     return e / e.sum(axis=1, keepdims=True)
 
 
-# A shifted test set as well: the same digits under pixel noise, where the MAP
-# stays confident.
+# %%
+# ## Calibration
+#
+# A shifted test set as well: the same digits under pixel noise, where the
+# MAP stays confident. The predictive probabilities are averaged over
+# Monte-Carlo samples of the logits (`link="mc"`), because the probit
+# approximation is coarse at these variances, as the last line shows.
+
 noisy = np.clip(
     x[test] + np.random.default_rng(1).normal(0, 0.35, x[test].shape), 0, 1
 ).astype("float32")
@@ -117,7 +137,18 @@ print(
     f"probit against MC (evidence τ, noisy): max |Δp| = {np.abs(probit - mc).max():.3f}"
 )
 
-# Reliability diagram on the noisy digits: accuracy against confidence, per bin.
+# %%
+# What it shows, honestly: on clean digits the MAP is already calibrated, and
+# the evidence's τ makes the Laplace predictive underconfident. A confident
+# softmax has little curvature, so the posterior stays close to the prior in
+# most directions. On the noisy digits the MAP is overconfident; there the
+# evidence's τ lowers both the ECE and the NLL at the same accuracy. The τ
+# that minimises validation NLL sits at the top of the grid: it keeps the
+# MAP's confidence and changes little.
+#
+# The reliability diagram on the noisy digits: accuracy against confidence,
+# per bin.
+
 fig, ax = plt.subplots(figsize=(4.5, 4))
 edges = np.linspace(0, 1, 11)
 names = ("MAP (softmax), noisy", "LA evidence τ, noisy", "LA validation τ, noisy")
@@ -133,5 +164,4 @@ ax.set_xlabel("confidence")
 ax.set_ylabel("accuracy")
 ax.legend(loc="upper left", fontsize=8)
 fig.tight_layout()
-fig.savefig(output / "laplace_cnn.png", dpi=120)
-print("saved laplace_cnn.png")
+plt.show()
