@@ -10,7 +10,8 @@ computed without the ``stop_gradient``: the same values, exact derivatives of
 every order.
 
 The switch is per graph, not per thread or process: `tf.nn.moments` is
-replaced once by a function that checks whether the graph being built (or a
+replaced (and put back at every trace, should something have restored
+TensorFlow's) by a function that checks whether the graph being built (or a
 graph it is nested in) is one of hessop's, and otherwise calls TensorFlow's
 own function unchanged. Graphs, unlike thread-local flags, also reach the
 replica threads of a ``MirroredStrategy``, which trace into the caller's
@@ -35,6 +36,7 @@ __all__ = ["exact_moments"]
 _hessop_graphs: weakref.WeakSet[Any] = weakref.WeakSet()
 _install_lock = threading.Lock()
 _tensorflow_moments: Callable[..., Any] | None = None
+_switch: Callable[..., Any] | None = None
 
 
 def _in_hessop_graph() -> bool:
@@ -67,11 +69,21 @@ def _moments(x: Any, axes: Any, shift: Any = None, keepdims: bool = False, name:
 
 
 def _install() -> None:
-    global _tensorflow_moments
+    """Put the switch in ``tf.nn.moments``, and back again if something has since restored TensorFlow's.
+
+    Called at every trace, not once: in a process that runs many scripts
+    (mkdocs-gallery building the tutorials) TensorFlow's function was back in
+    ``tf.nn.moments`` by the time a later script traced, and its Hessians
+    silently lost the moments' second-order term.
+    """
+    global _tensorflow_moments, _switch
     with _install_lock:
+        if _switch is not None and tf.nn.moments is _switch:
+            return
         if _tensorflow_moments is None:
             _tensorflow_moments = tf.nn.moments
-            tf.nn.moments = functools.wraps(_tensorflow_moments)(_moments)
+            _switch = functools.wraps(_tensorflow_moments)(_moments)
+        tf.nn.moments = _switch
 
 
 def exact_moments(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -80,6 +92,7 @@ def exact_moments(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     def traced(*args: Any, **kwargs: Any) -> Any:
         if not tf.executing_eagerly():
+            _install()
             _hessop_graphs.add(tf.compat.v1.get_default_graph())
         return fn(*args, **kwargs)
 

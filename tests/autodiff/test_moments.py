@@ -116,3 +116,19 @@ def test_groupnorm_and_mirrored_replicas():
     H = hessop.HessianOperator(case.model, case.loss_fn, (case.x, case.y), batch_size=4, strategy=strategy)
     assert H.num_data == 8 and "2 replicas" in repr(H)
     assert _rel(H @ v, expected) < FD_RTOL
+
+
+def test_the_switch_is_put_back_when_tensorflows_moments_is_restored(recwarn):
+    """Something in the process restores TensorFlow's tf.nn.moments: the next trace switches it again."""
+    case = layernorm_mlp_case()
+    hessop.HessianOperator(case.model, case.loss_fn, (case.x, case.y))  # installs the switch
+    switch = tf.nn.moments
+    tf.nn.moments = _moments._tensorflow_moments  # as a module reload or another library would
+    try:
+        H = hessop.HessianOperator(case.model, case.loss_fn, (case.x, case.y))
+        v = np.random.default_rng(3).standard_normal(H.shape[1])
+        assert _rel(H @ v, fd_hessian_product(case, v)) < FD_RTOL
+        assert tf.nn.moments is switch
+    finally:
+        tf.nn.moments = switch
+    assert not [w for w in recwarn if "stop_gradient" in str(w.message)]
