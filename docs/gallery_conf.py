@@ -1,7 +1,8 @@
 """mkdocs-gallery settings that mkdocs.yml cannot express (read by the `gallery` plugin).
 
 The tutorials run one after another in the mkdocs process, so each starts
-from a clean Keras and matplotlib state.
+from a clean Keras and matplotlib state, and figures are saved with a tight
+bounding box (labels outside the axes are not cut off).
 """
 
 import os
@@ -14,11 +15,14 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import absl.logging  # noqa: F401
 
 
-def _reset_keras(gallery_conf: dict, file: object) -> None:
+def _reset(gallery_conf: dict, file: object) -> None:
     import keras
+    import matplotlib
 
     keras.config.set_floatx("float32")
     keras.backend.clear_session()
+    # After matplotlib's own reset: the captured figures keep their axis labels.
+    matplotlib.rcParams["savefig.bbox"] = "tight"
 
 
-conf = {"reset_modules": ("matplotlib", _reset_keras)}
+conf = {"reset_modules": ("matplotlib", _reset)}

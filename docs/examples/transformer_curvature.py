@@ -88,7 +88,8 @@ for name, density in densities.items():
 fig, ax = plt.subplots(figsize=(7, 3.5))
 for name, density in densities.items():
     grid, values = density.grid, density.density
-    ax.semilogy(grid, np.maximum(values, 1e-6), label=name)
+    ax.semilogy(grid, values, label=name)
+ax.set_ylim(1e-5, None)
 ax.set_xlabel("eigenvalue")
 ax.set_ylabel("density")
 ax.set_title("Spectral density of a small transformer")
@@ -129,8 +130,8 @@ plt.show()
 
 # %%
 # Most of the curvature sits in the embeddings and in attention's value and
-# output projections; the query and key projections have almost none, as the
-# softmax over ten positions is flat at this scale. For the last layer norm
+# output projections; the query and key projections, which only shape the
+# attention weights, have little. For the last layer norm
 # and the head the two traces agree: the outputs are linear in those
 # parameters, so the Hessian's extra term, which weights the outputs' second
 # derivatives by the loss gradient, vanishes on their blocks. Elsewhere the
