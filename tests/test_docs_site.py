@@ -21,6 +21,8 @@ from urllib.parse import unquote
 
 import pytest
 
+pytestmark = pytest.mark.xdist_group("site")  # one worker builds the site once
+
 ROOT = Path(__file__).parents[1]
 SCRIPTS = sorted(p.stem for p in (ROOT / "docs" / "examples").glob("*.py"))
 WIDTH = 88  # characters: wider lines scroll sideways on the page
