@@ -89,7 +89,7 @@ fig, ax = plt.subplots(figsize=(7, 3.5))
 for name, density in densities.items():
     grid, values = density.grid, density.density
     ax.semilogy(grid, values, label=name)
-ax.set_ylim(1e-5, None)
+ax.set_ylim(1e-5, 10)
 ax.set_xlabel("eigenvalue")
 ax.set_ylabel("density")
 ax.set_title("Spectral density of a small transformer")
