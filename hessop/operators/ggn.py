@@ -12,7 +12,7 @@ try:
 except ImportError:  # pragma: no cover - keras ships with tensorflow
     keras = None
 
-from hessop.autodiff.engine import Engine, output_matrix
+from hessop.autodiff.engine import Engine, column_gradients, output_matrix, unstack_columns
 from hessop.autodiff.losses import KerasLossValues, WeightedTargets
 from hessop.operators.base import CurvatureOptions, SymmetricDataPassOperator, with_options
 
@@ -21,7 +21,6 @@ __all__ = ["GGNOperator", "ggn", "loss_output_hessian", "loss_output_vectors"]
 FISHER_TYPES = ("type2", "mc", "empirical")
 
 _ZERO = tf.UnconnectedGradients.ZERO
-_UNROLLED = 32  # output columns differentiated one backward pass each; tape.jacobian beyond
 
 
 def ggn(engine: Engine, x: Any, y: Any, v: tf.Tensor, part: tuple[int, ...] | None = None) -> tf.Tensor:
@@ -167,22 +166,13 @@ def diagonal_by_backprop(engine: Engine, x: Any, y: Any, seed: tf.Tensor, fisher
     """
     vectors = loss_output_vectors(engine, x, y, engine.call_model(x), fisher_type, samples, seed)
 
-    columns = vectors.shape[-1]
-    unrolled = columns is not None and columns <= _UNROLLED
-
     def squares(xn: Any, packed: Any) -> tf.Tensor:
         yn, sn = packed
-        with tf.GradientTape(persistent=unrolled) as tape:
+        with tf.GradientTape(persistent=True) as tape:
             flat = output_matrix(engine.call_model(xn), 1)
-            target = tf.linalg.matvec(sn[0], flat[0], transpose_a=True)  # (R,)
-            entries = tf.unstack(target, num=columns) if unrolled else None
-        if unrolled:
-            # One backward pass per column: tape.jacobian's pfor would densify an
-            # Embedding's IndexedSlices gradient with a warning on every trace.
-            rows = [engine.concat(engine.gradients(tape, entry, second_order=True)) for entry in entries]
-            return tf.add_n([tf.square(row) for row in rows])
-        rows = tape.jacobian(target, engine.variables, unconnected_gradients=_ZERO)
-        return tf.reduce_sum(tf.concat([tf.reshape(r, (tf.shape(target)[0], -1)) for r in rows], axis=1) ** 2, axis=0)
+            target = unstack_columns(tf.linalg.matvec(sn[0], flat[0], transpose_a=True))  # R columns
+        rows = column_gradients(tape, target, engine.variables)  # (R, *shape) per variable
+        return tf.reduce_sum(tf.concat([tf.reshape(r, (tf.shape(r)[0], -1)) for r in rows], axis=1) ** 2, axis=0)
 
     return tf.reduce_sum(engine.per_example("diagonal rows", squares, x, (y, vectors)), axis=0)
 
